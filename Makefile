@@ -1,0 +1,90 @@
+# DreamTeacher pipeline. `make demo` runs everything on built-in data; `make test` runs the tests.
+# Both create (or reuse) .venv and install what they need.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DT     := $(VENV)/bin/dreamteacher
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= pipeline.yaml
+
+# Stage variables (empty = pipeline.yaml's value). ARGS passes any further KEY.PATH=VALUE overrides.
+DATA    ?= demo
+TEACHER ?=
+T       ?=
+MODE    ?=
+BANK    ?=
+STUDENT ?=
+EXP     ?=
+GPUS    ?= 1
+TASK    ?=
+CKPT    ?=
+ARGS    ?=
+
+opt = $(if $(2),$(1)=$(2))
+
+.PHONY: venv demo test test-all lint format teacher encode distill finetune bank-info bank-verify \
+        bench-encode bench-bank bench-distill clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(DT) demo --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+teacher: $(STAMP)
+	$(DT) teacher --config $(CONFIG) teacher_train.data=$(DATA) $(ARGS)
+
+encode: $(STAMP)
+	$(DT) encode --config $(CONFIG) encode.data=$(DATA) $(call opt,encode.teacher,$(TEACHER)) \
+	  $(call opt,encode.t,$(T)) $(call opt,encode.mode,$(MODE)) $(call opt,encode.bank,$(BANK)) $(ARGS)
+
+distill: $(STAMP)
+ifeq ($(GPUS),1)
+	$(DT) distill --config $(CONFIG) $(call opt,distill.bank,$(BANK)) \
+	  $(call opt,distill.student.name,$(STUDENT)) $(call opt,distill.exp,$(EXP)) $(ARGS)
+else
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m dreamteacher distill --config $(CONFIG) \
+	  $(call opt,distill.bank,$(BANK)) $(call opt,distill.student.name,$(STUDENT)) $(call opt,distill.exp,$(EXP)) $(ARGS)
+endif
+
+finetune: $(STAMP)
+ifeq ($(GPUS),1)
+	$(DT) finetune --config $(CONFIG) $(call opt,finetune.task,$(TASK)) $(call opt,finetune.ckpt,$(CKPT)) \
+	  $(call opt,finetune.exp,$(EXP)) $(ARGS)
+else
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m dreamteacher finetune --config $(CONFIG) \
+	  $(call opt,finetune.task,$(TASK)) $(call opt,finetune.ckpt,$(CKPT)) $(call opt,finetune.exp,$(EXP)) $(ARGS)
+endif
+
+bank-info: $(STAMP)
+	$(DT) bank info $(BANK)
+
+bank-verify: $(STAMP)
+	$(DT) bank verify $(BANK)
+
+bench-encode: $(STAMP)
+	$(PY) benchmarks/bench_encode.py $(ARGS)
+
+bench-bank: $(STAMP)
+	$(PY) benchmarks/bench_bank.py $(ARGS)
+
+bench-distill: $(STAMP)
+	$(PY) benchmarks/bench_distill.py $(ARGS)
+
+clean:
+	rm -rf data banks runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Stage 2: distill the bank's teacher features into a student backbone."""

@@ -1,0 +1,74 @@
+"""Distill stage config (no torch import). One small dataclass per component."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    name: str = "resnet50"
+    """Any timm model with ``features_only`` strides 4/8/16/32 (resnet18/50/101, convnext_atto/base, ...)."""
+    weights: str = ""
+    """Optional local weights file (safetensors) to start from; empty = random init (it is pretraining)."""
+
+
+@dataclass(kw_only=True)
+class RegressorConfig:
+    channels: int = 256
+    pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    whiten: Literal["sample", "pixel"] = "pixel"
+    """Non-learnable LayerNorm on the teacher feature: over (C,H,W) per sample, or over C per pixel."""
+    at_weight: float = 10.0
+    """L_feat = MSE + at_weight * AT (paper: 10)."""
+    label_weight: float = 1.0
+    """Weight of label distillation when an interpreter is given (paper: 1.0)."""
+    label_temperature: float = 4.0
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: Literal["adamw", "lamb"] = "adamw"
+    lr: float = 4e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 20
+    epochs: float = 100
+    grad_clip: float = 3.0
+    """Max gradient norm (0 = off)."""
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    """``dreamteacher distill``: one experiment on one bank."""
+
+    bank: str = ""
+    """Bank path; empty = ``banks/<encode.data>.zarr``."""
+    exp: str = "default"
+    out: str = "runs/distill"
+    """Experiments go to ``<out>/<exp>/``."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    regressor: RegressorConfig = field(default_factory=RegressorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 256
+    """Global batch size (split across ranks)."""
+    max_steps: int = 0
+    """Stop after this many steps (0 = epochs x steps per epoch)."""
+    num_workers: int = 4
+    draw: Literal["random", "first"] = "random"
+    """Which of an image's K stored draws an epoch uses."""
+    online: bool = False
+    """Compute targets with the teacher during training (from the bank's stored input pixels)."""
+    compile: bool = False
+    amp: bool = True
+    channels_last: bool = True
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"

@@ -1,0 +1,1 @@
+"""DreamTeacher pipeline glue: typed config, CLI, demo."""

@@ -1,0 +1,1 @@
+"""Diffusion teachers: a model-family-agnostic interface, feature taps and the encoding algorithms."""
