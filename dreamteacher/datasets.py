@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+from dreamteacher.config import ConfigError, require_resolved
 
 Layout = Literal["imagefolder", "folder", "list", "wds", "ade20k", "coco", "fewshot"]
 
@@ -27,3 +31,27 @@ class DatasetConfig:
     """Built-in generator that writes this dataset on first use when ``root`` is missing (``demo-scenes``)."""
     limit: int = 0
     """Use only the first N images in the deterministic order (0 = all); handy for smoke runs."""
+
+
+# Built-in generators: name -> "module:function(root: Path, layout: str) -> None". Each writes the dataset in
+# the requested layout, deterministically from a fixed seed.
+GENERATORS: dict[str, str] = {"demo-scenes": "dreamteacher.demo_data:generate"}
+
+
+def ensure_available(name: str, dataset: DatasetConfig) -> Path:
+    """Resolve the dataset's root (env vars), generating built-in data on first use; clear error if absent."""
+    root = Path(require_resolved(dataset.root, f"datasets.{name}.root"))
+    if not root.exists() and dataset.generator:
+        if dataset.generator not in GENERATORS:
+            raise ConfigError(
+                f"datasets.{name}.generator: unknown generator {dataset.generator!r}; "
+                f"choices: {', '.join(sorted(GENERATORS))}"
+            )
+        module_name, attr = GENERATORS[dataset.generator].split(":")
+        getattr(importlib.import_module(module_name), attr)(root, dataset.layout)
+    if not root.exists():
+        raise ConfigError(
+            f"dataset {name!r}: {root} does not exist. Set datasets.{name}.root in pipeline.yaml (or the "
+            f"environment variable it names) to where the {dataset.layout} data lives."
+        )
+    return root
