@@ -1,0 +1,284 @@
+"""Image sources shared by encode, teacher training and online distillation.
+
+Four layouts (``DatasetConfig.layout``), each listed into :class:`ImageRecord` s with a stable key (the image's
+path relative to the dataset root) in a deterministic sorted order:
+
+* ``imagefolder``: ``<root>/<split>/<class>/*.JPEG`` (ImageNet); key ``<class>/<file>``.
+* ``folder``: every image file below ``root`` (recursive); key = relative path.
+* ``list``: ``root`` is a text file of image paths (one per line, relative to the file's folder; ``#`` comments).
+* ``wds``: ``root`` is a brace pattern of WebDataset tar shards; image entries only; key ``<shard>/<member>``.
+
+Preprocessing follows the paper's teacher (guided-diffusion's ``center_crop_arr``): box-downsample by 2 while the
+shorter side is >= 2x the target, bicubic resize of the shorter side to ``resolution``, center crop. Images are
+converted to RGB (grayscale, palette, CMYK, RGBA -> alpha dropped, as guided-diffusion does). A file that cannot be
+decoded (not an image, truncated, decompression bomb) is NOT an error: it comes back as a reject with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from dreamteacher.config import ConfigError, require_resolved
+from dreamteacher.datasets import DatasetConfig, ensure_available
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+
+# What PIL raises on a file it cannot decode: not an image (UnidentifiedImageError), truncated data / bad
+# headers (OSError, SyntaxError from some plugins, ValueError), oversized (DecompressionBombError).
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One input image: a stable key and where its bytes are."""
+
+    key: str
+    """Stable id (relative path); recorded in the bank and used to derive the noise seeds."""
+    path: str
+    """File to read (the image itself, or the tar shard for ``wds``)."""
+    offset: int = -1
+    """``wds``: byte offset of the member's data inside the tar; -1 = the whole file is the image."""
+    size: int = -1
+    """``wds``: byte size of the member's data."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Listing
+# ------------------------------------------------------------------------------------------------------------
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _list_folder(folder: Path) -> list[ImageRecord]:
+    records = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        for name in filenames:
+            if _is_image(name):
+                path = Path(dirpath) / name
+                records.append(ImageRecord(key=path.relative_to(folder).as_posix(), path=str(path)))
+    return records
+
+
+def _list_imagefolder(root: Path, split: str) -> list[ImageRecord]:
+    split_dir = root / split if split else root
+    if not split_dir.is_dir():
+        raise ConfigError(
+            f"imagefolder layout: {split_dir} is not a folder (expected <root>/<split>/<class>/*.JPEG)"
+        )
+    return _list_folder(split_dir)
+
+
+def _list_file(list_file: Path) -> list[ImageRecord]:
+    if not list_file.is_file():
+        raise ConfigError(f"list layout: root {list_file} must be a text file of image paths")
+    base = list_file.parent
+    records = []
+    for line in list_file.read_text().splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(entry) if os.path.isabs(entry) else base / entry
+        records.append(ImageRecord(key=Path(entry).as_posix(), path=str(path)))
+    return records
+
+
+def _list_wds(pattern: str) -> list[ImageRecord]:
+    # webdataset streams samples sequentially; encode needs random access by image index (each shard task reads
+    # only its own images), so the tar headers are indexed here with the stdlib and members are read by offset.
+    # Shard patterns use braceexpand (webdataset's own dependency), as webdataset does.
+    from braceexpand import braceexpand
+
+    records = []
+    for shard in braceexpand(pattern):
+        if not os.path.isfile(shard):
+            raise ConfigError(f"wds layout: shard {shard} (from {pattern!r}) does not exist")
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                if member.isfile() and _is_image(member.name):
+                    key = f"{Path(shard).name}/{member.name}"
+                    records.append(ImageRecord(key, shard, member.offset_data, member.size))
+    return records
+
+
+def list_images(name: str, dataset: DatasetConfig) -> list[ImageRecord]:
+    """All images of dataset ``name`` in deterministic (key-sorted) order, truncated to ``dataset.limit``."""
+    if dataset.layout == "wds":
+        records = _list_wds(require_resolved(dataset.root, f"datasets.{name}.root"))
+    else:
+        root = ensure_available(name, dataset)
+        listers = {
+            "imagefolder": lambda: _list_imagefolder(root, dataset.split),
+            "folder": lambda: _list_folder(root),
+            "list": lambda: _list_file(root),
+        }
+        if dataset.layout not in listers:
+            raise ConfigError(
+                f"datasets.{name}.layout={dataset.layout!r} is not an image layout; "
+                f"choices: {', '.join(sorted([*listers, 'wds']))}"
+            )
+        records = listers[dataset.layout]()
+    records.sort(key=lambda r: r.key)
+    keys = [r.key for r in records]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"dataset {name!r}: duplicate image keys (two list entries name the same file?)")
+    if dataset.limit:
+        records = records[: dataset.limit]
+    if not records:
+        raise ConfigError(f"dataset {name!r} ({dataset.layout} at {dataset.root}) contains no images")
+    return records
+
+
+def keys_sha256(keys: Sequence[str]) -> str:
+    """Fingerprint of an ordered key list (newline-joined UTF-8)."""
+    return hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Decoding and preprocessing
+# ------------------------------------------------------------------------------------------------------------
+def read_bytes(record: ImageRecord) -> bytes:
+    if record.offset < 0:
+        return Path(record.path).read_bytes()
+    with open(record.path, "rb") as f:
+        f.seek(record.offset)
+        return f.read(record.size)
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode fully (so truncation surfaces here) and convert to RGB."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(BytesIO(data))
+        image.load()
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
+    """guided-diffusion's ``center_crop_arr``: shorter side -> ``resolution`` (box halving, then bicubic), center
+    crop. Returns uint8 ``(3, resolution, resolution)``."""
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize(tuple(max(resolution, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
+    arr_HWC = np.asarray(image, dtype=np.uint8)
+    top = (arr_HWC.shape[0] - resolution) // 2
+    left = (arr_HWC.shape[1] - resolution) // 2
+    crop_HWC = arr_HWC[top : top + resolution, left : left + resolution]
+    return np.ascontiguousarray(crop_HWC.transpose(2, 0, 1))  # (3, H, W)
+
+
+def load_image(record: ImageRecord, resolution: int) -> tuple[np.ndarray | None, str]:
+    """``(uint8 (3, R, R), "")`` or ``(None, reason)`` when the file cannot be read or decoded."""
+    try:
+        data = read_bytes(record)
+        image = decode_rgb(data)
+    except (*DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    return center_crop_resize(image, resolution), ""
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] (same shape, same device)."""
+    return images_u8.float().div_(127.5).sub_(1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dataset / DataLoader
+# ------------------------------------------------------------------------------------------------------------
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset of preprocessed images; a reject yields zeros with ``ok=False`` and the reason."""
+
+    def __init__(self, records: Sequence[ImageRecord], resolution: int) -> None:
+        self.records = list(records)
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image_u8, reason = load_image(record, self.resolution)
+        ok = image_u8 is not None
+        if image_u8 is None:
+            image_u8 = np.zeros((3, self.resolution, self.resolution), np.uint8)
+        return {
+            "index": index,
+            "key": record.key,
+            "image_u8": torch.from_numpy(image_u8),  # (3, R, R) uint8
+            "ok": ok,
+            "reason": reason,
+        }
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is PIL work; torch threads per worker would oversubscribe the cores
+
+
+def make_image_loader(
+    records: Sequence[ImageRecord],
+    resolution: int,
+    batch_size: int,
+    *,
+    num_workers: int,
+    prefetch_factor: int = 2,
+    pin_memory: bool = False,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.utils.data.DataLoader:
+    """DataLoader that decodes in ``num_workers`` processes, ``prefetch_factor`` batches ahead of the consumer.
+
+    Batches are dicts: ``index`` (B,) position in ``records``, ``key`` list[str], ``image_u8`` (B, 3, R, R) uint8,
+    ``ok`` (B,) bool, ``reason`` list[str].
+    """
+    extra: dict[str, Any] = {}
+    if num_workers > 0:
+        extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init}
+    return torch.utils.data.DataLoader(
+        ImageDataset(records, resolution),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=generator,
+        **extra,
+    )
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageDataset",
+    "ImageRecord",
+    "center_crop_resize",
+    "decode_rgb",
+    "keys_sha256",
+    "list_images",
+    "load_image",
+    "make_image_loader",
+    "read_bytes",
+    "to_model_range",
+]
