@@ -22,13 +22,18 @@ class RegressorConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    whiten: Literal["sample", "pixel"] = "pixel"
-    """Non-learnable LayerNorm on the teacher feature: over (C,H,W) per sample, or over C per pixel."""
+    whiten: Literal["sample", "pixel"] = "sample"
+    """Non-learnable LayerNorm on the teacher feature: over (C,H,W) per sample, or over C per pixel. Default
+    sample: per-pixel whitening flattens the per-pixel energy that attention transfer distils (distill/losses.py)."""
     at_weight: float = 10.0
     """L_feat = MSE + at_weight * AT (paper: 10)."""
     label_weight: float = 1.0
     """Weight of label distillation when an interpreter is given (paper: 1.0)."""
     label_temperature: float = 4.0
+    """Softmax temperature tau of label distillation (paper: 4.0)."""
+    label_logits: str = ""
+    """Label distillation: safetensors file with a ``logits`` tensor (bank rows, K, h, w) of interpreter logits
+    aligned with the bank's rows; empty = feature distillation only."""
 
 
 @dataclass(kw_only=True)
@@ -41,6 +46,10 @@ class OptimConfig:
     epochs: float = 100
     grad_clip: float = 3.0
     """Max gradient norm (0 = off)."""
+    min_lr: float = 1.0e-6
+    """Cosine floor."""
+    warmup_lr: float = 1.0e-6
+    """Learning rate at step 0 of the linear warm-up."""
 
 
 @dataclass(kw_only=True)
@@ -65,10 +74,20 @@ class DistillConfig:
     """Which of an image's K stored draws an epoch uses."""
     online: bool = False
     """Compute targets with the teacher during training (from the bank's stored input pixels)."""
+    flip: Literal["random", "none"] = "random"
+    """Which flip view an epoch uses per image when the bank stores both (the paper's h-flip augmentation)."""
     compile: bool = False
+    """``torch.compile`` the student + regressor."""
     amp: bool = True
+    """Autocast on CUDA (CPU always runs float32)."""
+    amp_dtype: Literal["bf16", "fp16"] = "bf16"
+    """bf16 needs no loss scaler; fp16 uses a GradScaler (saved in checkpoints)."""
     channels_last: bool = True
+    """channels_last memory format on CUDA."""
     checkpoint_every: int = 1000
+    """Steps between checkpoints (one is always written at the end)."""
     log_every: int = 10
+    """Steps between metric records (metrics.jsonl, TensorBoard)."""
     seed: int = 0
     device: str = "auto"
+    """auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N."""

@@ -1,0 +1,135 @@
+"""One distillation step, kept apart from construction (train.py) so it can be tested with real tiny objects."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.losses import WhitenAxes, feature_losses, label_distillation
+
+log = logging.getLogger(__name__)
+
+TargetFn = Callable[[dict], dict[str, torch.Tensor]]
+"""batch -> ``{level: (B, C, h, w) float32 on the device}`` (read from the bank, or computed online)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN/Inf; the message names the step and every term."""
+
+
+@dataclass(kw_only=True)
+class StepSettings:
+    whiten: WhitenAxes
+    at_weight: float
+    label_weight: float = 0.0
+    label_temperature: float = 4.0
+    grad_clip: float = 0.0
+    autocast_dtype: torch.dtype | None = None
+    """bf16/fp16 autocast on CUDA; None = float32."""
+    channels_last: bool = False
+
+
+class Trainer:
+    """Holds the objects one step needs; :meth:`train_step` runs forward, loss, backward and the update."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: object,
+        targets: TargetFn,
+        settings: StepSettings,
+        device: torch.device,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        step: int = 0,
+    ) -> None:
+        """``model`` is what runs forward (DDP / compiled wrapper); ``net`` the plain :class:`DistillNet`."""
+        self.model, self.net, self.optimizer, self.scheduler = model, net, optimizer, scheduler
+        self.targets, self.settings, self.device = targets, settings, device
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
+        self.step = step
+        self._resized_logged: set[str] = set()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.settings.autocast_dtype
+        if self.device.type == "cuda" and dtype is not None:
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def _match_size(self, preds: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict:
+        """Resize a teacher level to the student's size at that stride (bilinear) and say so once."""
+        matched = {}
+        for name, pred in preds.items():
+            target = targets[name]
+            if target.shape[-2:] != pred.shape[-2:]:
+                if name not in self._resized_logged:
+                    log.warning(
+                        "level %s: teacher feature %s resized to the student's %s (bilinear)",
+                        name,
+                        tuple(target.shape[-2:]),
+                        tuple(pred.shape[-2:]),
+                    )
+                    self._resized_logged.add(name)
+                target = F.interpolate(target, size=pred.shape[-2:], mode="bilinear", align_corners=False)
+            matched[name] = target
+        return matched
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimisation step on ``batch`` (the bank loader's dict); returns every loss term as a float."""
+        s = self.settings
+        # 1. inputs: uint8 pixels -> normalised float on the device
+        images_BCHW = self.net.normalize(batch["image"].to(self.device, non_blocking=True))
+        if s.channels_last:
+            images_BCHW = images_BCHW.contiguous(memory_format=torch.channels_last)
+        # 2. targets from the bank (dequantised on the device) or from the teacher
+        targets = self.targets(batch)
+        # 3. forward
+        self.model.train()
+        with self._autocast():
+            out = self.model(images_BCHW)
+        logits = out.pop("logits", None)
+        # 4. losses in float32
+        terms = feature_losses(
+            out, self._match_size(out, targets), whiten_axes=s.whiten, at_weight=s.at_weight
+        )
+        if logits is not None:
+            interp_BKHW = batch["label_logits"].to(self.device, non_blocking=True).float()
+            logits = F.interpolate(
+                logits.float(), size=interp_BKHW.shape[-2:], mode="bilinear", align_corners=False
+            )
+            terms["label"] = label_distillation(logits, interp_BKHW, s.label_temperature)
+            terms["loss"] = terms["loss"] + s.label_weight * terms["label"]
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            listing = ", ".join(f"{k}={v}" for k, v in values.items())
+            raise NonFiniteLossError(f"non-finite loss at step {self.step} in {bad}; all terms: {listing}")
+        # 5. backward, clip, update, schedule
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.unscale_(self.optimizer)
+        if s.grad_clip > 0:
+            values["grad_norm"] = float(nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self.scheduler.step_update(self.step)
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        return values
+
+
+def batches_forever(loader: object, sampler: object, epoch: int) -> Iterator[tuple[int, dict]]:
+    """Yield ``(epoch, batch)`` across epochs; ``sampler.set_epoch`` before each new epoch after the first."""
+    while True:
+        yield from ((epoch, batch) for batch in loader)  # type: ignore[attr-defined]
+        epoch += 1
+        sampler.set_epoch(epoch)  # type: ignore[attr-defined]
