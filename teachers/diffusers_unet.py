@@ -1,0 +1,168 @@
+"""A diffusers ``UNet2DModel`` (e.g. the DDPM this project trains, or google/ddpm-*) as a frozen teacher.
+
+Accepted ``teacher.path`` values:
+
+* a pipeline folder written by ``DDPMPipeline.save_pretrained``: ``unet/`` and ``scheduler/`` subfolders;
+* a bare UNet folder (``UNet2DModel.save_pretrained``: ``config.json`` + weights) with the scheduler's
+  ``scheduler_config.json`` beside them (``DDPMScheduler.save_pretrained`` into the same folder);
+* a Hugging Face hub id (needs network access): the pipeline layout is tried first, then the bare layout
+  (google/ddpm-cifar10-32 style repositories keep the UNet and the scheduler config at the top level).
+
+diffusers is imported only when a teacher is loaded, so configs and the CLI stay fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from teachers.base import Teacher
+from teachers.config import TapConfig
+
+if TYPE_CHECKING:  # imported lazily at load time
+    from diffusers import SchedulerMixin, UNet2DModel
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class DiffusersTeacher(Teacher):
+    """Wraps a ``UNet2DModel`` and its DDPM noise schedule; converts the model's prediction type to epsilon."""
+
+    def __init__(
+        self, unet: UNet2DModel, scheduler: SchedulerMixin, *, path: str = "", weights_sha256: str = ""
+    ) -> None:
+        super().__init__()
+        if unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None:
+            raise ValueError(
+                "class-conditional UNet2DModel teachers are not supported (no class label to give)"
+            )
+        prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler prediction_type {prediction_type!r}; supported: {PREDICTION_TYPES}")
+        size = unet.config.sample_size
+        if isinstance(size, (tuple, list)):
+            if size[0] != size[1]:
+                raise ValueError(f"non-square sample_size {tuple(size)}: teachers encode square center crops")
+            size = size[0]
+        self.unet = unet
+        self.resolution = int(size)
+        self.prediction_type = prediction_type
+        self.path = path
+        self.scheduler_config = dict(scheduler.config)
+        self.weights_sha256 = weights_sha256 or _state_dict_sha256(unet)
+        # The schedule the model was trained with: diffusers computes it in float32 (DDPMScheduler.add_noise uses
+        # exactly these values); stored as float64 like every teacher's buffer.
+        self.register_buffer(
+            "alphas_cumprod", scheduler.alphas_cumprod.detach().to(torch.float64), persistent=False
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> DiffusersTeacher:
+        """Load a local ``save_pretrained`` folder (pipeline or bare UNet + scheduler config) or a hub id."""
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        folder = Path(path).expanduser()
+        if folder.is_dir():
+            if (folder / "unet").is_dir() and (folder / "scheduler").is_dir():
+                unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+                scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+                weights_dir = folder / "unet"
+            elif (folder / "config.json").is_file() and (folder / "scheduler_config.json").is_file():
+                unet = UNet2DModel.from_pretrained(folder)
+                scheduler = DDPMScheduler.from_pretrained(folder)
+                weights_dir = folder
+            else:
+                raise FileNotFoundError(
+                    f"teacher.path {str(folder)!r} is neither a pipeline folder (unet/ + scheduler/) nor a UNet "
+                    "folder with config.json and scheduler_config.json; save the teacher with save_pretrained"
+                )
+            return cls(unet, scheduler, path=str(folder), weights_sha256=_files_sha256(weights_dir))
+        if folder.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
+            raise FileNotFoundError(
+                f"teacher.path {path!r} does not exist (and is not a hub id 'owner/name')"
+            )
+        errors = []
+        for subfolders in (("unet", "scheduler"), (None, None)):  # pipeline layout, then bare layout
+            try:
+                unet = UNet2DModel.from_pretrained(path, subfolder=subfolders[0])
+                scheduler = DDPMScheduler.from_pretrained(path, subfolder=subfolders[1])
+            except OSError as err:  # diffusers reports a missing file / unreachable hub as OSError
+                errors.append(f"{'pipeline' if subfolders[0] else 'bare'} layout: {err}")
+                continue
+            return cls(unet, scheduler, path=path)
+        raise FileNotFoundError(
+            f"teacher.path {path!r} is not a local folder and could not be loaded as a hub id:\n  "
+            + "\n  ".join(errors)
+        )
+
+    @property
+    def tap_root(self) -> nn.Module:
+        return self.unet
+
+    def predict_eps(self, x_BCHW: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
+        out_BCHW = self.unet(x_BCHW, t_B).sample
+        if self.prediction_type == "epsilon":
+            return out_BCHW
+        abar_B111 = self.alphas_cumprod[t_B].to(out_BCHW.dtype)[:, None, None, None]
+        if self.prediction_type == "v_prediction":  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+            return abar_B111.sqrt() * out_BCHW + (1 - abar_B111).sqrt() * x_BCHW
+        return (x_BCHW - abar_B111.sqrt() * out_BCHW) / (1 - abar_B111).sqrt()  # "sample": out = x0
+
+    def default_taps(self) -> list[TapConfig]:
+        """The last block of each of the four lowest-resolution decoder levels, before its upsampler.
+
+        ``up_blocks.{i}`` for i = 0..3 (lowest resolution first) -> strides 32, 16, 8, 4; a level with an upsampler
+        is read at the upsampler's input, a level without one (the model's final level) at the block's output.
+        """
+        if len(self.unet.up_blocks) < 4:
+            raise ValueError(
+                f"the UNet has {len(self.unet.up_blocks)} decoder levels; the default taps need 4 "
+                "(set teacher.taps explicitly)"
+            )
+        taps = []
+        for i, stride in enumerate((32, 16, 8, 4)):
+            if self.unet.up_blocks[i].upsamplers is not None:
+                taps.append(TapConfig(module=f"up_blocks.{i}.upsamplers.0", point="input", stride=stride))
+            else:
+                taps.append(TapConfig(module=f"up_blocks.{i}", point="output", stride=stride))
+        return taps
+
+    def identity(self) -> dict[str, Any]:
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.unet.config.items()}
+        config.pop("_use_default_values", None)
+        return {
+            "kind": "diffusers",
+            "path": self.path,
+            "config": config,
+            "prediction_type": self.prediction_type,
+            "weights_sha256": self.weights_sha256,
+        }
+
+
+def _files_sha256(folder: Path) -> str:
+    """sha256 over the weight files of a save_pretrained folder (sorted by name; name and bytes hashed)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _state_dict_sha256(module: nn.Module) -> str:
+    """sha256 of an in-memory model's parameters and buffers (name, dtype, shape, bytes in key order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
