@@ -1,0 +1,130 @@
+"""Training-side reading: a fork-safe map-style dataset over bank rows, collation, decoding on the GPU.
+
+Build the loader with :func:`make_loader`, or by hand::
+
+    dataset = BankTrainSet(path)
+    sampler = EpochSampler(Bank.open(path), batch_size, rank=rank, world_size=world, seed=seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_rows, num_workers=8, pin_memory=True)
+    for batch in loader:                                   # DataLoader calls dataset.__getitems__(rows)
+        targets = decode_targets(batch["targets"], device)  # int8 payload moved, then dequantised on the GPU
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils.data
+
+from bank.codecs import CODECS, Codec
+from bank.reader import Bank
+from bank.sampler import EpochSampler
+
+
+class BankTrainSet(torch.utils.data.Dataset):
+    """Rows of a bank as torch tensors. The bank is opened lazily in each process (safe under fork)."""
+
+    def __init__(self, path: str | Path, levels: list[str] | None = None) -> None:
+        self.path, self.levels = Path(path), levels
+        bank = Bank.open(self.path)  # validate now, in the parent, not mid-epoch in a worker
+        if levels is not None:
+            bank.array_defs(levels)
+        self.spec, self.fingerprint = bank.spec, bank.fingerprint
+        self._bank: Bank | None = bank
+        self._pid = os.getpid()
+
+    @property
+    def bank(self) -> Bank:
+        if self._bank is None or self._pid != os.getpid():
+            self._bank, self._pid = Bank.open(self.path), os.getpid()
+        return self._bank
+
+    def __getstate__(self) -> dict[str, Any]:  # spawn / forkserver workers: reopen on the other side
+        return {**self.__dict__, "_bank": None}
+
+    def __len__(self) -> int:
+        return self.spec.num_rows
+
+    def __getitems__(self, rows: Sequence[int]) -> dict[str, Any]:
+        """A batch: ``image`` uint8 (B, 3, H, W), ``targets`` {level: {part: tensor}}, ``row``/``draw``/... (B,)."""
+        batch = self.bank.read_rows(list(rows), self.levels)
+        return {
+            "image": torch.from_numpy(batch["image"]),
+            "targets": {
+                lv: {p: torch.from_numpy(a) for p, a in parts.items()}
+                for lv, parts in batch["targets"].items()
+            },
+            **{k: torch.from_numpy(batch[k]) for k in ("row", "source_index", "draw", "flip", "seed", "ok")},
+        }
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        batch = self.__getitems__([row])
+        return _index_tree(batch, 0)
+
+
+def _index_tree(tree: Any, i: int) -> Any:
+    if isinstance(tree, dict):
+        return {k: _index_tree(v, i) for k, v in tree.items()}
+    return tree[i]
+
+
+def collate_rows(batch: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate for a DataLoader over :class:`BankTrainSet`: a batch from ``__getitems__`` passes through; a list
+    of single rows (``__getitem__``) is stacked with torch's ``default_collate``."""
+    if isinstance(batch, dict):
+        return batch
+    return torch.utils.data.default_collate(batch)
+
+
+def _codec_for_parts(parts: dict[str, torch.Tensor]) -> Codec:
+    names = set(parts)
+    for codec_cls in CODECS.values():
+        if set(codec_cls.part_names) == names:
+            return codec_cls()
+    raise ValueError(f"no codec stores the parts {sorted(names)}; codecs: {list(CODECS)}")
+
+
+def decode_targets(
+    targets: dict[str, dict[str, torch.Tensor]],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Move each level's encoded payload to ``device`` (non-blocking from pinned memory), then decode there."""
+    out = {}
+    for level, parts in targets.items():
+        moved = {name: t.to(device, non_blocking=True) for name, t in parts.items()}
+        out[level] = _codec_for_parts(moved).decode(moved, dtype)  # (B, C, h, w)
+    return out
+
+
+def make_loader(
+    path: str | Path,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_workers: int = 4,
+    draw: str = "random",
+    flip: str = "random",
+    pin_memory: bool = True,
+    levels: list[str] | None = None,
+) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    """The training loader of one rank and its sampler (call ``sampler.set_epoch(e)`` each epoch)."""
+    dataset = BankTrainSet(path, levels)
+    sampler = EpochSampler(
+        dataset.bank, batch_size, rank=rank, world_size=world_size, seed=seed, draw=draw, flip=flip
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_rows,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    return loader, sampler

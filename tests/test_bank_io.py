@@ -1,0 +1,168 @@
+"""Writer/reader round-trip, resume, refusal of mismatches, open-time errors, direct reader == zarr-python."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from bank import Bank, BankError, BankSpec, BankWriter
+from bank.config import BankConfig
+from bank.spec import done_marker_name
+from tests.bank_helpers import make_spec, shard_rows, write_bank
+
+CFG = BankConfig(shard_rows=8, codec="int8", level_codecs={"s8": "fp16"})
+
+
+def test_row_layout():
+    spec = make_spec(CFG, num_images=5)
+    assert spec.num_rows == 20 and spec.num_shards == 3 and spec.images_per_shard == 2
+    assert spec.row_index(3, 1, 0) == 14 and spec.shard_range(2) == range(16, 20)
+    assert spec.shard_images(2) == range(4, 5)
+    with pytest.raises(BankError, match="multiple of draws x flips"):
+        make_spec(BankConfig(shard_rows=6), num_images=5)
+
+
+@pytest.mark.parametrize("compressor", ["none", "blosc-lz4", "zstd"])
+def test_round_trip_matches_written_rows(tmp_path, compressor):
+    cfg = BankConfig(shard_rows=8, codec="int8", level_codecs={"s8": "fp16"}, compressor=compressor)
+    spec = write_bank(tmp_path / "b.zarr", cfg)
+    bank = Bank.open(tmp_path / "b.zarr")
+    assert bank.fingerprint == spec.fingerprint() and bank.num_rows == 20
+    rows = [17, 0, 9, 3, 16]  # unordered, across all three shards (the last one short)
+    batch = bank.read_rows(rows)
+    decoded = bank.decode_rows(rows)
+    for r_out, row in enumerate(rows):
+        shard = row // 8
+        written = shard_rows(spec, shard)
+        local = row - shard * 8
+        assert np.array_equal(batch["image"][r_out], written.images_u8[local])
+        assert batch["draw"][r_out] == written.draw[local] and batch["seed"][r_out] == written.seed[local]
+        for level in spec.levels:
+            ref = written.features[level.name][local].numpy()
+            codec = bank.codecs[level.name]
+            bound = codec.error_bound(
+                torch.from_numpy(ref)[None],
+                {k: torch.from_numpy(v[r_out : r_out + 1]) for k, v in batch["targets"][level.name].items()},
+            )
+            assert np.all(np.abs(decoded[level.name][r_out] - ref) <= bound.numpy()[0])
+    assert bank.keys([0, 4, 19]) == ["img/0000.png", "img/0001.png", "img/0004.png"]
+    # the direct shard-file reader returns exactly what zarr-python reads
+    group = zarr.open_group(tmp_path / "b.zarr", mode="r")
+    for level, parts in batch["targets"].items():
+        for part, values in parts.items():
+            assert np.array_equal(group[f"features/{level}/{part}"].oindex[rows], values)
+
+
+def test_rewrite_gives_identical_bytes_and_resume(tmp_path):
+    path = tmp_path / "b.zarr"
+    spec = make_spec(CFG)
+    writer = BankWriter.create(path, spec, CFG)
+    writer.write_shard(1, shard_rows(spec, 1))
+    assert writer.pending_shards() == [0, 2]
+    snapshot = {p: p.read_bytes() for p in path.rglob("*") if p.is_file() and "/c/" in str(p)}
+    # a second process resumes: same fingerprint -> opened, shard 1 rewritten byte-identically
+    again = BankWriter.create(path, spec, CFG)
+    assert again.pending_shards() == [0, 2]
+    again.write_shard(1, shard_rows(spec, 1))
+    assert all(p.read_bytes() == b for p, b in snapshot.items())
+    with pytest.raises(BankError, match="incomplete"):
+        Bank.open(path)
+    partial = Bank.open(path, require_complete=False)
+    assert partial.image_ok.tolist() == [False, False, True, True, False]
+    with pytest.raises(BankError, match="not written"):
+        partial.read_rows([0])
+
+
+def test_mismatch_refused_and_overwrite(tmp_path):
+    path = tmp_path / "b.zarr"
+    write_bank(path)
+    other = make_spec(BankConfig(shard_rows=8, codec="fp16"))
+    with pytest.raises(BankError) as info:
+        BankWriter.create(path, other, BankConfig(shard_rows=8, codec="fp16"))
+    assert "levels.s4.codec: 'int8' -> 'fp16'" in str(info.value) and "--overwrite" in str(info.value)
+    BankWriter.create(path, other, BankConfig(shard_rows=8, codec="fp16"), overwrite=True)
+    assert Bank.open(path, require_complete=False).spec.levels[1].codec == "fp16"
+
+
+def test_spec_must_agree_with_config(tmp_path):
+    with pytest.raises(BankError, match="shard_rows: spec 8, bank config 16"):
+        BankWriter.create(
+            tmp_path / "b.zarr", make_spec(CFG), BankConfig(shard_rows=16, level_codecs={"s8": "fp16"})
+        )
+
+
+def test_truncated_or_missing_shard_is_an_open_error(tmp_path):
+    path = tmp_path / "b.zarr"
+    write_bank(path)
+    shard_file = path / "features/s4/q/c/1/0/0/0"
+    data = shard_file.read_bytes()
+    shard_file.write_bytes(data[:-100])
+    with pytest.raises(BankError, match=r"shard 1 file features/s4/q/c/1/0/0/0 is truncated"):
+        Bank.open(path)
+    shard_file.unlink()
+    with pytest.raises(BankError, match="is missing"):
+        Bank.open(path)
+
+
+def test_unknown_version_and_edited_attributes(tmp_path):
+    path = tmp_path / "b.zarr"
+    write_bank(path)
+    meta_file = path / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["dreamteacher_bank"]["spec"]["attributes"]["encoding"]["t"] = 150
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(BankError, match="fingerprint"):
+        Bank.open(path)
+    meta["attributes"]["dreamteacher_bank"]["format_version"] = 99
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(BankError, match="format version 99"):
+        Bank.open(path)
+    with pytest.raises(BankError, match="no bank"):
+        Bank.open(tmp_path / "nothing.zarr")
+
+
+def test_rejects_and_summary(tmp_path):
+    path = tmp_path / "b.zarr"
+    spec = make_spec(CFG)
+    writer = BankWriter.create(path, spec, CFG)
+    for shard in writer.pending_shards():
+        writer.write_shard(shard, shard_rows(spec, shard, rejected_images=(3,)))
+    writer.finalize({"seconds": 1.5})
+    bank = Bank.open(path)
+    assert bank.rejects == {"img/0003.png": "unreadable"}
+    assert bank.image_ok.tolist() == [True, True, True, False, True]
+    summary = bank.summary()
+    assert summary["rows_ok"] == 16 and summary["seconds"] == 1.5 and summary["rejects"] == bank.rejects
+
+
+def test_plain_zarr_can_decode_a_row_by_hand(tmp_path):
+    path = tmp_path / "b.zarr"
+    write_bank(path)
+    group = zarr.open_group(path, mode="r")  # what docs/bank-format.md shows
+    q, scale, offset = (
+        group["features/s4/q"][5],
+        group["features/s4/scale"][5],
+        group["features/s4/offset"][5],
+    )
+    by_hand = (
+        q.astype(np.float32) * scale.astype(np.float32)[:, None, None]
+        + offset.astype(np.float32)[:, None, None]
+    )
+    assert np.array_equal(by_hand, Bank.open(path).decode_rows([5])["s4"][0])
+    assert bytes(group["key"][5]).rstrip(b"\0").decode() == "img/0001.png"
+    assert BankSpec.from_dict(dict(group.attrs)["dreamteacher_bank"]["spec"]).num_rows == 20
+
+
+def test_writer_checks_rows(tmp_path):
+    spec = make_spec(CFG)
+    writer = BankWriter.create(tmp_path / "b.zarr", spec, CFG)
+    rows = shard_rows(spec, 0)
+    rows.flip = rows.flip[::-1].copy()
+    with pytest.raises(BankError, match="row layout"):
+        writer.write_shard(0, rows)
+    assert not os.path.exists(tmp_path / "b.zarr" / done_marker_name(0))
