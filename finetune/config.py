@@ -1,9 +1,117 @@
-"""Finetune stage config (no torch import)."""
+"""Finetune stage config (no torch import). One small dataclass per component.
+
+Defaults are the paper-scale protocols (ADE20K UperNet 160k iterations, COCO Mask R-CNN 1x); the demo and the
+tests shrink them through the config (crop 64, min/max size 64, a few hundred steps), never through code branches.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+Norm = Literal["sync", "batch", "frozen"]
+"""Backbone batch-norm handling: ``sync`` = SyncBatchNorm across ranks (plain BatchNorm on one process),
+``batch`` = per-rank BatchNorm, ``frozen`` = FrozenBatchNorm2d (statistics and affine fixed)."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule (linear warm-up, then poly or step decay)."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    """SGD only."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW only."""
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    """Learning rate at step 0 as a fraction of ``lr`` (linear ramp to ``lr`` over ``warmup_iters``)."""
+    schedule: Literal["poly", "step"] = "poly"
+    poly_power: float = 1.0
+    min_lr: float = 0.0
+    """Poly schedule floor."""
+    milestones: list[float] = field(default_factory=lambda: [8 / 12, 11 / 12])
+    """Step schedule: decay points as fractions of the run (detectron2 1x: epochs 8 and 11 of 12)."""
+    gamma: float = 0.1
+    """Step schedule: factor applied at each milestone."""
+    grad_clip: float = 0.0
+    """Max gradient norm (0 = off)."""
+
+
+@dataclass(kw_only=True)
+class UperNetConfig:
+    """UperNet decode head (PPM on the stride-32 level + FPN fusion) and the auxiliary FCN head."""
+
+    channels: int = 512
+    pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+    dropout: float = 0.1
+    aux_weight: float = 0.4
+    """Loss weight of the auxiliary FCN head on the stride-16 level; 0 = no auxiliary head."""
+    aux_channels: int = 256
+
+
+@dataclass(kw_only=True)
+class SegAugConfig:
+    """mmsegmentation's ADE20K training pipeline."""
+
+    scale: tuple[int, int] = (2048, 512)
+    """(long, short) edge bound of the base resize, multiplied by a random ratio in training."""
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    crop_size: int = 512
+    cat_max_ratio: float = 0.75
+    """Re-draw a crop (up to 10 times) when one class covers more than this fraction of its labelled pixels."""
+    flip_prob: float = 0.5
+    photometric: bool = True
+
+
+@dataclass(kw_only=True)
+class SegEvalConfig:
+    mode: Literal["whole", "slide"] = "whole"
+    """whole: one forward on the resized image; slide: overlapping ``crop_size`` windows at ``stride``."""
+    crop_size: int = 512
+    stride: int = 341
+
+
+@dataclass(kw_only=True)
+class SegmentationConfig:
+    """Semantic segmentation (tasks ``ade20k`` and ``fewshot``)."""
+
+    num_classes: int = 0
+    """0 = from the data (ADE20K: 150; fewshot: lines of ``classes.txt``)."""
+    iters: int = 160_000
+    norm: Norm = "sync"
+    head: UperNetConfig = field(default_factory=UperNetConfig)
+    aug: SegAugConfig = field(default_factory=SegAugConfig)
+    eval: SegEvalConfig = field(default_factory=SegEvalConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(kw_only=True)
+class DetectionConfig:
+    """COCO instance segmentation with torchvision's Mask R-CNN on backbone + FPN."""
+
+    schedule: Literal["1x", "2x"] = "1x"
+    """1x = 12 epochs (decay at 8, 11), 2x = 24 epochs (decay at 16, 22)."""
+    iters: int = 0
+    """Override the schedule's length in steps (0 = epochs x training images / batch size)."""
+    train_min_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    """Shorter side drawn per image in training; evaluation uses the last one (torchvision's rule)."""
+    max_size: int = 1333
+    norm: Norm = "sync"
+    fpn_channels: int = 256
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    """One anchor size per FPN level (P2..P6)."""
+    flip_prob: float = 0.5
+    filter_empty_train: bool = True
+    """Drop training images without (non-crowd) instances, as detectron2 does; evaluation keeps every image."""
+    detections_per_img: int = 100
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            name="sgd", lr=0.02, weight_decay=1e-4, warmup_iters=1000, warmup_ratio=1e-3, schedule="step"
+        )
+    )
 
 
 @dataclass(kw_only=True)
@@ -12,13 +120,40 @@ class FinetuneConfig:
 
     task: Literal["ade20k", "coco", "fewshot"] = "ade20k"
     data: str = "ade20k"
-    """Name in ``datasets:`` (layout must match the task)."""
+    """Name in ``datasets:`` (its layout must match the task)."""
     backbone: str = "resnet50"
-    """timm model name of the backbone."""
+    """timm model name of the backbone (strides 4/8/16/32: resnet18/50/101, convnext_atto/base, ...)."""
     ckpt: str = ""
-    """Backbone weights (safetensors from distill); empty = random init."""
+    """Backbone weights (``backbone.safetensors`` from distill, timm parameter names); empty = random init."""
     exp: str = "default"
     out: str = "runs/finetune"
+    """The run goes to ``<out>/<exp>/``."""
     seed: int = 0
     device: str = "auto"
-    extra: dict[str, float] = field(default_factory=dict)
+    """auto (cuda if available), cpu, cuda, cuda:N."""
+    batch_size: int = 16
+    """Global batch size (split across ranks)."""
+    num_workers: int = 4
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    channels_last: bool = True
+    """channels_last memory format on CUDA (ignored on CPU)."""
+    log_every: int = 50
+    checkpoint_every: int = 2000
+    eval_every: int = 0
+    """Evaluate every N steps during training (0 = only at the end)."""
+    vis_samples: int = 4
+    """Validation images drawn in ``predictions.png``."""
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"finetune.batch_size must be >= 1, got {self.batch_size}")
+        if self.segmentation.aug.crop_size < 32:
+            problems.append("finetune.segmentation.aug.crop_size must be >= 32 (the backbone's stride)")
+        if sorted(self.detection.optim.milestones) != list(self.detection.optim.milestones):
+            problems.append("finetune.detection.optim.milestones must be increasing fractions of the run")
+        if problems:
+            raise ValueError("; ".join(problems))

@@ -1,0 +1,163 @@
+"""Task-independent training machinery: step-indexed sampling, the train loop, checkpoints, metric logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Sampler
+from tqdm import tqdm
+
+from finetune.config import OptimConfig
+from finetune.optim import set_lr
+from finetune.runtime import Runtime
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields this rank's keys ``(index, aug_seed)`` for steps ``start..total-1``.
+
+    The global order is a concatenation of per-epoch permutations seeded by ``(seed, epoch)``; every sample's
+    augmentation seed is a function of ``(seed, step, slot)``. So a resumed run sees exactly the batches (and
+    augmentations) of an uninterrupted one. Why not DistributedSampler: it cannot start mid-epoch.
+    """
+
+    def __init__(
+        self, size: int, global_batch: int, total: int, start: int, seed: int, rank: int, world: int
+    ):
+        if global_batch % world:
+            raise ValueError(f"finetune.batch_size={global_batch} is not divisible by the {world} ranks")
+        self.size, self.batch, self.total, self.start = size, global_batch, total, start
+        self.seed, self.rank, self.world = seed, rank, world
+        self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._cached[0] != epoch:
+            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.size))
+        return self._cached[1]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_rank = self.batch // self.world
+        for step in range(self.start, self.total):
+            keys = []
+            for slot in range(self.rank * per_rank, (self.rank + 1) * per_rank):
+                position = step * self.batch + slot
+                epoch, offset = divmod(position, self.size)
+                keys.append((int(self._epoch_order(epoch)[offset]), self.seed * 1_000_003 + position))
+            yield keys
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` plus TensorBoard scalars (main rank only)."""
+
+    def __init__(self, folder: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = folder / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(folder / "tb"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Write ``path`` atomically (temp file + rename): a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Restore model (and optimizer) state; returns the step to continue from."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; run without --resume / --eval-only first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_loop(
+    *,
+    model: nn.Module,
+    compute_losses: Callable[[nn.Module, object], dict[str, torch.Tensor]],
+    batches: Iterator,
+    optimizer: torch.optim.Optimizer,
+    optim_cfg: OptimConfig,
+    start: int,
+    total: int,
+    runtime: Runtime,
+    log: MetricsLog,
+    checkpoint: Path,
+    checkpoint_every: int,
+    log_every: int,
+    on_eval: Callable[[int], None] | None = None,
+    eval_every: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Run steps ``start..total-1``; returns the per-step total loss (this rank)."""
+    history: list[float] = []
+    model.train()
+    bar = tqdm(
+        range(start, total), desc="finetune", disable=not (progress and runtime.is_main), dynamic_ncols=True
+    )
+    for step, batch in zip(bar, batches, strict=False):
+        # 1. Learning rate for this step.
+        lr = set_lr(optimizer, step, total, optim_cfg)
+        # 2. Forward + losses under autocast.
+        with runtime.autocast():
+            losses = compute_losses(model, batch)
+        loss = sum(losses.values())
+        if not math.isfinite(float(loss.detach())):
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            raise FloatingPointError(
+                f"non-finite loss at step {step}: {terms}; lower the lr or check the data"
+            )
+        # 3. Backward, clip, update.
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if optim_cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
+        optimizer.step()
+        loss_value = float(loss.detach())
+        history.append(loss_value)
+        done = step + 1
+        # 4. Log, checkpoint, evaluate.
+        if done % log_every == 0 or done == total:
+            terms = {f"train/{k}": float(v.detach()) for k, v in losses.items()}
+            log.log(done, {"train/loss": loss_value, "train/lr": lr, **terms})
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        if runtime.is_main and (done % checkpoint_every == 0 or done == total):
+            save_checkpoint(checkpoint, unwrap(model), optimizer, done)
+        if on_eval is not None and eval_every > 0 and done % eval_every == 0 and done != total:
+            on_eval(done)
+            model.train()
+    runtime.barrier()
+    return history

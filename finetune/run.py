@@ -1,0 +1,71 @@
+"""``run_finetune``: one downstream run, dispatched by ``finetune.task`` (the demo and the CLI call this)."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from dreamteacher.config import save_resolved, to_dict
+from dreamteacher.datasets import ensure_available
+from dreamteacher.schema import PipelineConfig
+from finetune.report import write_json
+from finetune.runtime import seed_everything, setup_runtime, teardown_runtime
+
+# task -> (dataset layout it needs, "module:function" running it)
+TASKS: dict[str, tuple[str, str]] = {
+    "ade20k": ("ade20k", "finetune.segmentation:run_segmentation"),
+    "fewshot": ("fewshot", "finetune.segmentation:run_segmentation"),
+    "coco": ("coco", "finetune.detection:run_detection"),
+}
+
+
+def run_finetune(
+    cfg: PipelineConfig, *, resume: bool = False, eval_only: bool = False, progress: bool = True
+) -> dict[str, object]:
+    """Fine-tune and evaluate; writes ``<out>/<exp>/`` (config.yaml, results.json, summary.md, predictions.png,
+    metrics.jsonl, tb/, checkpoint.pt) and returns the metrics."""
+    ft = cfg.finetune
+    if ft.task not in TASKS:
+        raise ValueError(f"finetune.task={ft.task!r}; choices: {', '.join(TASKS)}")
+    layout, target = TASKS[ft.task]
+    # 1. Data location and layout check.
+    ds_cfg = cfg.dataset(ft.data)
+    if ds_cfg.layout != layout:
+        raise ValueError(
+            f"finetune.task={ft.task} needs a dataset with layout {layout!r}, but datasets.{ft.data}.layout is "
+            f"{ds_cfg.layout!r}; set finetune.data to a {layout} dataset"
+        )
+    root = ensure_available(ft.data, ds_cfg)
+    # 2. Process setup; the resolved config goes beside the run before any work.
+    runtime = setup_runtime(ft.device, amp=ft.amp, channels_last=ft.channels_last)
+    out_dir = Path(ft.out) / ft.exp
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out_dir)
+    runtime.barrier()
+    seed_everything(ft.seed + runtime.rank)
+    # 3. The task.
+    module_name, attr = target.split(":")
+    run_task = getattr(importlib.import_module(module_name), attr)
+    started = time.perf_counter()
+    try:
+        metrics = run_task(ft, root, out_dir, runtime, resume=resume, eval_only=eval_only, progress=progress)
+    finally:
+        teardown_runtime(runtime)
+    # 4. Results file.
+    metrics["seconds"] = time.perf_counter() - started
+    if runtime.is_main:
+        write_json(
+            out_dir / "results.json",
+            {
+                "task": ft.task,
+                "data": ft.data,
+                "backbone": ft.backbone,
+                "ckpt": ft.ckpt,
+                "seed": ft.seed,
+                "metrics": metrics,
+                "config": to_dict(ft),
+            },
+        )
+    return metrics
