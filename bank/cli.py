@@ -1,0 +1,91 @@
+"""``dreamteacher bank``: info, verify, show, export-wds. Each command calls one function of the package."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def bank() -> None:
+    """Inspect, check, picture and export a feature bank."""
+
+
+@bank.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the bank's attributes as JSON.")
+def info(path: str, as_json: bool) -> None:
+    """Provenance, levels, sizes, rows and rejects of the bank at PATH."""
+    from bank.reader import Bank
+
+    b = Bank.open(path, require_complete=False)
+    if as_json:
+        click.echo(json.dumps(b.attrs, indent=1, sort_keys=True))
+        return
+    spec = b.spec
+    click.echo(f"bank        {path}  (format v{b.attrs['format_version']}, fingerprint {b.fingerprint[:16]})")
+    click.echo(f"created     {b.attrs['created']}  libraries {b.attrs['library_versions']}")
+    for key in sorted(spec.attributes):
+        click.echo(f"{key:<11} {json.dumps(spec.attributes[key], sort_keys=True)}")
+    click.echo(
+        f"rows        {spec.num_rows} = {spec.num_images} images x {spec.draws} draws x {spec.flips} flips; "
+        f"{len(b.markers)}/{spec.num_shards} shards written ({spec.shard_rows} rows each), {int(b.ok.sum())} rows OK"
+    )
+    click.echo(f"input       uint8 3x{spec.image_size}x{spec.image_size}; compressor {spec.compressor}")
+    total = 0
+    for level in spec.levels:
+        nbytes = sum(d.row_nbytes for d in b.array_defs([level.name]) if d.level == level.name)
+        total += nbytes
+        click.echo(
+            f"level {level.name:<5} stride {level.stride:>2}  {level.channels}x{level.height}x{level.width}  "
+            f"codec {level.codec:<8} {nbytes / 1e6:.3f} MB/view (fp16 {2 * level.channels * level.height * level.width / 1e6:.3f})"
+        )
+    click.echo(
+        f"features    {total / 1e6:.3f} MB/view, {total * spec.num_rows / 1e9:.3f} GB in all (uncompressed)"
+    )
+    click.echo(f"rejects     {len(b.rejects)}")
+    for key, reason in list(b.rejects.items())[:20]:
+        click.echo(f"  {key}: {reason}")
+
+
+@bank.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def verify(path: str) -> None:
+    """Check every shard (present, checksums, finite and in-range values); exit 1 listing bad rows."""
+    from bank.verify import verify_bank
+
+    report = verify_bank(path)
+    if report.ok:
+        click.echo(f"OK: {report.checked_shards} shards verified")
+        return
+    for problem in report.problems:
+        click.echo(problem, err=True)
+    click.echo(f"bad rows ({len(report.bad_rows)}): {sorted(report.bad_rows)}", err=True)
+    raise SystemExit(1)
+
+
+@bank.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--row", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG path (default: row-N.png).")
+def show(path: str, row: int, out: str | None) -> None:
+    """A PNG of row N: the input image beside the PCA-to-RGB picture of each level."""
+    from bank.show import render_row
+
+    target = Path(out or f"row-{row}.png")
+    render_row(path, row, target)
+    click.echo(f"wrote {target}")
+
+
+@bank.command("export-wds")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--rows-per-tar", type=int, default=1024, show_default=True)
+def export_wds_command(path: str, out: str, rows_per_tar: int) -> None:
+    """Export the bank at PATH as WebDataset tars of .npy entries into OUT."""
+    from bank.wds import export_wds
+
+    tars = export_wds(path, out, rows_per_tar=rows_per_tar)
+    click.echo(f"wrote {len(tars)} tar(s) to {out}")
