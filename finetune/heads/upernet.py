@@ -56,7 +56,9 @@ class UperNetHead(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         # 1. Laterals: 1x1 convs on levels 0..2, PPM on level 3 -> all (B, ch, H_l, W_l).
-        laterals = [conv(f) for conv, f in zip(self.lateral, feats[:-1], strict=False)] + [self.ppm(feats[-1])]
+        laterals = [conv(f) for conv, f in zip(self.lateral, feats[:-1], strict=False)] + [
+            self.ppm(feats[-1])
+        ]
         # 2. Top-down: add the upsampled coarser level.
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
