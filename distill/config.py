@@ -61,6 +61,8 @@ class DistillConfig:
     exp: str = "default"
     out: str = "runs/distill"
     """Experiments go to ``<out>/<exp>/``."""
+    levels: list[str] = field(default_factory=list)
+    """Bank levels to distill (e.g. ``[s8, s16, s32]``); empty = every level of the bank."""
     student: StudentConfig = field(default_factory=StudentConfig)
     regressor: RegressorConfig = field(default_factory=RegressorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -69,6 +71,9 @@ class DistillConfig:
     """Global batch size (split across ranks)."""
     max_steps: int = 0
     """Stop after this many steps (0 = epochs x steps per epoch)."""
+    stop_at_step: int = 0
+    """End this invocation after this step with a checkpoint (resume later with --resume), keeping the full run's
+    schedule: for time-sliced / preemptible jobs. 0 = run to the end."""
     num_workers: int = 4
     draw: Literal["random", "first"] = "random"
     """Which of an image's K stored draws an epoch uses."""
@@ -88,6 +93,8 @@ class DistillConfig:
     """Steps between checkpoints (one is always written at the end)."""
     log_every: int = 10
     """Steps between metric records (metrics.jsonl, TensorBoard)."""
+    audit_rows: bool = False
+    """Append the bank rows each rank trains on to ``<exp>/rows/rank<r>.txt`` (coverage audit, e.g. of DDP)."""
     seed: int = 0
     device: str = "auto"
     """auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N."""

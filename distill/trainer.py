@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,11 +125,3 @@ class Trainer:
         self.scheduler.step_update(self.step)
         values["lr"] = self.optimizer.param_groups[0]["lr"]
         return values
-
-
-def batches_forever(loader: object, sampler: object, epoch: int) -> Iterator[tuple[int, dict]]:
-    """Yield ``(epoch, batch)`` across epochs; ``sampler.set_epoch`` before each new epoch after the first."""
-    while True:
-        yield from ((epoch, batch) for batch in loader)  # type: ignore[attr-defined]
-        epoch += 1
-        sampler.set_epoch(epoch)  # type: ignore[attr-defined]

@@ -1,0 +1,58 @@
+"""``dreamteacher distill``: train (the default) or ``plot`` an experiment's loss curves.
+
+``dreamteacher distill [--resume] [--online] KEY=VAL...`` trains; ``dreamteacher distill train ...`` is the same;
+``dreamteacher distill plot EXP_DIR`` draws ``losses.png``. Under DDP launch it with torchrun
+(``torchrun --nproc_per_node=8 -m dreamteacher distill ...``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from dreamteacher.options import config_options
+
+
+class DefaultToTrain(click.Group):
+    """A group whose first argument, when it is not a subcommand name, belongs to ``train``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultToTrain)
+def distill() -> None:
+    """Distill the bank's teacher features into a student backbone (default subcommand: train)."""
+
+
+@distill.command("train")
+@click.option("--resume", is_flag=True, help="Continue <distill.out>/<distill.exp> from its checkpoint.")
+@click.option(
+    "--online", is_flag=True, help="Compute the targets with the teacher instead of reading the bank."
+)
+@click.option("--no-progress", is_flag=True, help="No tqdm bar (logs and metrics.jsonl only).")
+@config_options
+def train(cfg, resume: bool, online: bool, no_progress: bool) -> None:  # noqa: ANN001 - PipelineConfig
+    """Train one experiment: `dreamteacher distill distill.student.name=resnet18 distill.exp=r18`."""
+    from distill.train import run_distill
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if online:
+        cfg.distill.online = True
+    exp_dir = run_distill(cfg, resume=resume, progress=not no_progress)
+    click.echo(f"experiment: {exp_dir}")
+
+
+@distill.command("plot")
+@click.argument("exp_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--out", type=click.Path(dir_okay=False), default=None, help="PNG path (default EXP_DIR/losses.png)."
+)
+def plot(exp_dir: str, out: str | None) -> None:
+    """Draw the loss curves of an experiment (from metrics.jsonl) as a PNG."""
+    from distill.metrics import plot_losses
+
+    click.echo(str(plot_losses(exp_dir, out)))

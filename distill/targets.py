@@ -1,0 +1,104 @@
+"""Where a batch's teacher targets come from: the bank (dequantised on the device) or the teacher itself (online).
+
+Both return ``{level: (B, C, h, w) float32 on the device}`` for the same rows, so the training step cannot tell
+them apart; ``--online`` exists to measure what the cache costs (time here, quality downstream).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+log = logging.getLogger(__name__)
+
+
+class BankTargets:
+    """Decode the bank payload of a batch after the host->device copy (int8 travels, float32 arrives)."""
+
+    def __init__(self, device: torch.device, levels: list[str]) -> None:
+        self.device, self.levels = device, levels
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        from bank import decode_targets
+
+        payload = {name: batch["targets"][name] for name in self.levels}
+        return decode_targets(payload, self.device)
+
+
+class OnlineTargets:
+    """Recompute the bank's targets with its teacher from the stored input pixels and the same noise rule.
+
+    The teacher config, taps, encoding mode, T and DDIM steps come from the bank's attributes (what encode
+    recorded), the noise of a row from its stored seed and flip (``teachers.encoding.make_noise``), so the
+    targets equal the stored ones up to the bank codec's error.
+    """
+
+    def __init__(self, bank_attrs: dict[str, Any], levels: list[str], device: torch.device) -> None:
+        from dreamteacher.config import from_mapping
+        from teachers import build_teacher
+        from teachers.config import TapConfig, TeacherConfig
+        from teachers.encoding import TeacherEncoder
+
+        try:
+            teacher_cfg = from_mapping(TeacherConfig, bank_attrs["teacher"]["config"])
+            encoding = bank_attrs["encoding"]
+            taps = [from_mapping(TapConfig, tap) for tap in bank_attrs["taps"]]
+        except KeyError as exc:
+            raise ValueError(
+                f"the bank's attributes lack {exc} needed to rebuild its teacher for --online; "
+                "re-encode the bank with this version of `dreamteacher encode`"
+            ) from exc
+        self.teacher = build_teacher(teacher_cfg, device)
+        by_name = {f"s{tap.stride}": tap for tap in taps}
+        self.encoder = TeacherEncoder(
+            self.teacher,
+            [by_name[name] for name in levels],
+            mode=encoding["mode"],
+            t=int(encoding["t"]),
+            ddim_steps=int(encoding.get("ddim_steps", 0)),
+            resolution=int(encoding["resolution"]),
+            device=device,
+            dtype_name=teacher_cfg.dtype,
+            channels_last=teacher_cfg.channels_last,
+        )
+        self.device, self.levels, self.mode = device, levels, encoding["mode"]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        from teachers.encoding import make_noise
+
+        # 1. the stored preprocessed pixels (flipped rows already flipped) -> [-1, 1]
+        x0_BCHW = batch["image"].to(self.device, non_blocking=True).float() / 127.5 - 1.0
+        # 2. the row's noise: same seed and mirror rule as encode
+        eps_BCHW = None
+        if self.mode == "noise":
+            seeds = [int(s) for s in batch["seed"]]
+            flips = [bool(f) for f in batch["flip"]]
+            eps_BCHW = make_noise(seeds, flips, x0_BCHW.shape[1:]).to(self.device)
+        # 3. one teacher read-out
+        feats = self.encoder(x0_BCHW, eps_BCHW)
+        return {name: feats[name].float().clone() for name in self.levels}  # clone: out of inference mode
+
+
+class LabelLogits:
+    """Interpreter logits per bank row from a safetensors file (``logits``: (rows, K, h, w)), read per batch."""
+
+    def __init__(self, path: str | Path, num_rows: int) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"distill.loss.label_logits: {str(path)!r} does not exist")
+        self._file = safe_open(str(path), framework="pt")
+        if "logits" not in self._file.keys():  # noqa: SIM118 - safe_open is not a mapping
+            raise ValueError(f"{path} has no 'logits' tensor (found {list(self._file.keys())})")
+        self._slice = self._file.get_slice("logits")
+        shape = self._slice.get_shape()
+        if len(shape) != 4 or shape[0] != num_rows:
+            raise ValueError(f"{path}: logits shape {shape}; expected (bank rows = {num_rows}, K, h, w)")
+        self.num_classes = int(shape[1])
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(B, K, h, w)`` logits of the batch's rows (contiguous per-row slices: no full-file load)."""
+        return torch.cat([self._slice[int(r) : int(r) + 1] for r in rows]).float()

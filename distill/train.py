@@ -1,0 +1,368 @@
+"""``run_distill``: one experiment on one bank -- construction, the loop, checkpoints, export.
+
+Folder ``<distill.out>/<distill.exp>/``: ``config.yaml`` (resolved), ``bank.json`` (bank path + fingerprint),
+``metrics.jsonl``, ``tb/``, ``checkpoint.pt`` (+ ``rng/rank<r>.pt`` per extra DDP rank), and at the end
+``backbone.safetensors``, ``backbone_torchvision.safetensors`` (plain ResNets), ``regressor.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from tqdm import tqdm
+
+from distill.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from distill.config import DistillConfig
+from distill.export import export_artifacts
+from distill.metrics import METRICS_NAME, MetricsLog, truncate_metrics
+from distill.model import DistillNet
+from distill.student import STUDENT_STRIDES, build_student
+from distill.targets import BankTargets, LabelLogits, OnlineTargets
+from distill.trainer import StepSettings, Trainer
+from dreamteacher.config import save_resolved
+from dreamteacher.schema import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+BANK_RECORD = "bank.json"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Distributed context
+# ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistContext:
+    """Read torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); init NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_name)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank, world, local_rank, device)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bank checks
+# ------------------------------------------------------------------------------------------------------------
+def bank_path_for(cfg: PipelineConfig) -> Path:
+    return Path(cfg.distill.bank or f"banks/{cfg.encode.data}.zarr")
+
+
+def check_bank_fits(bank: Any, dcfg: DistillConfig) -> list[str]:
+    """Levels to distill; raises ``ValueError`` with every reason the bank does not fit this run."""
+    problems = []
+    by_name = {lv.name: lv for lv in bank.levels}
+    levels = list(dcfg.levels) or [lv.name for lv in bank.levels]
+    missing = [name for name in levels if name not in by_name]
+    if missing:
+        problems.append(f"distill.levels asks for {missing}, the bank has {sorted(by_name)}")
+    for name in levels:
+        if name in by_name and by_name[name].stride not in STUDENT_STRIDES:
+            problems.append(
+                f"bank level {name} has stride {by_name[name].stride}; students have {STUDENT_STRIDES}"
+            )
+    if bank.spec.image_size % max(STUDENT_STRIDES):
+        problems.append(f"bank image size {bank.spec.image_size} is not a multiple of {max(STUDENT_STRIDES)}")
+    if problems:
+        raise ValueError(f"bank {bank.path} does not fit this run:\n  " + "\n  ".join(problems))
+    return levels
+
+
+def record_bank(exp_dir: Path, bank: Any, *, resume: bool) -> None:
+    """Write ``bank.json``; on resume refuse a bank whose fingerprint differs from the recorded one."""
+    record_path = exp_dir / BANK_RECORD
+    record = {"path": str(bank.path), "fingerprint": bank.fingerprint}
+    if resume and record_path.is_file():
+        recorded = json.loads(record_path.read_text())
+        if recorded["fingerprint"] != bank.fingerprint:
+            raise ValueError(
+                f"{exp_dir} was trained on bank {recorded['path']} (fingerprint {recorded['fingerprint'][:12]}), "
+                f"but {bank.path} has fingerprint {bank.fingerprint[:12]}: a different bank. Point distill.bank at "
+                "the original bank or start a new experiment (distill.exp=...)"
+            )
+        return
+    tmp = record_path.with_name(record_path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, record_path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Construction
+# ------------------------------------------------------------------------------------------------------------
+def build_schedule(
+    optimizer: torch.optim.Optimizer, dcfg: DistillConfig, steps_per_epoch: int
+) -> tuple[Any, int]:
+    """Per-step cosine with linear warm-up (timm's CosineLRScheduler, stepped by update count)."""
+    total = dcfg.max_steps or max(1, math.ceil(dcfg.optim.epochs * steps_per_epoch))
+    warmup = min(int(dcfg.optim.warmup_epochs * steps_per_epoch), total - 1)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=total,
+        lr_min=dcfg.optim.min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=dcfg.optim.warmup_lr,
+        t_in_epochs=False,
+    )
+    scheduler.step_update(0)
+    return scheduler, total
+
+
+def build_optimizer(net: torch.nn.Module, dcfg: DistillConfig) -> torch.optim.Optimizer:
+    """AdamW or LAMB from timm; norms and biases (1-D parameters) get no weight decay."""
+    o = dcfg.optim
+    return create_optimizer_v2(
+        net, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), filter_bias_and_bn=True
+    )
+
+
+def _autocast_dtype(dcfg: DistillConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or not dcfg.amp:
+        return None
+    return torch.bfloat16 if dcfg.amp_dtype == "bf16" else torch.float16
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------------
+def run_distill(cfg: PipelineConfig, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train ``cfg.distill.student`` on the bank's targets; returns the experiment folder."""
+    from bank import Bank, make_loader
+
+    dcfg = cfg.distill
+    ctx = init_distributed(dcfg.device)
+    exp_dir = Path(dcfg.out) / dcfg.exp
+    torch.manual_seed(dcfg.seed)
+
+    # 1. open the bank read-only and check it fits the run
+    bank = Bank.open(bank_path_for(cfg))
+    levels = check_bank_fits(bank, dcfg)
+    ckpt_path = exp_dir / CHECKPOINT_NAME
+    if not resume and ckpt_path.exists():
+        raise ValueError(
+            f"{exp_dir} already holds a run; pass --resume to continue it or choose distill.exp=NEW"
+        )
+    if ctx.is_main:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        record_bank(exp_dir, bank, resume=resume)
+        save_resolved(cfg, exp_dir)
+    if ctx.world_size > 1:
+        dist.barrier()
+    if resume and ctx.world_size > 1 and not ctx.is_main:
+        record_bank(exp_dir, bank, resume=True)  # every rank refuses a different bank, not only rank 0
+
+    # 2. data: this rank's share of every epoch; online mode reads only the pixels
+    if dcfg.batch_size % ctx.world_size:
+        raise ValueError(f"distill.batch_size={dcfg.batch_size} is not divisible by {ctx.world_size} ranks")
+    loader, sampler = make_loader(
+        bank.path,
+        dcfg.batch_size // ctx.world_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=dcfg.seed,
+        num_workers=dcfg.num_workers,
+        draw=dcfg.draw,
+        flip=dcfg.flip,
+        pin_memory=ctx.device.type == "cuda",
+        levels=[] if dcfg.online else levels,
+    )
+    if len(sampler) == 0:
+        raise ValueError(
+            f"the bank has fewer usable images per rank ({sampler.images_per_rank}) than the per-rank "
+            f"batch size ({dcfg.batch_size // ctx.world_size}); lower distill.batch_size"
+        )
+    targets = (
+        OnlineTargets(bank.spec.attributes, levels, ctx.device)
+        if dcfg.online
+        else BankTargets(ctx.device, levels)
+    )
+    label_logits = LabelLogits(dcfg.loss.label_logits, bank.num_rows) if dcfg.loss.label_logits else None
+
+    # 3. model, optimizer, schedule
+    student = build_student(dcfg.student.name, dcfg.student.weights)
+    teacher_channels = {lv.name: lv.channels for lv in bank.levels if lv.name in levels}
+    net = DistillNet(
+        student,
+        teacher_channels,
+        channels=dcfg.regressor.channels,
+        pool_scales=dcfg.regressor.pool_scales,
+        num_classes=label_logits.num_classes if label_logits else 0,
+    ).to(ctx.device)
+    for lv in bank.levels:
+        if lv.name in levels and (lv.height, lv.width) != (bank.spec.image_size // lv.stride,) * 2:
+            log.warning(
+                "bank level %s is %dx%d, the student's stride-%d map is %dx%d: targets are resized "
+                "(bilinear) to the student's size",
+                lv.name,
+                lv.height,
+                lv.width,
+                lv.stride,
+                bank.spec.image_size // lv.stride,
+                bank.spec.image_size // lv.stride,
+            )
+    if ctx.device.type == "cuda" and dcfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if ctx.world_size > 1 and ctx.device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    optimizer = build_optimizer(net, dcfg)
+    scheduler, total_steps = build_schedule(optimizer, dcfg, len(sampler))
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=_autocast_dtype(dcfg, ctx.device) == torch.float16)
+    model: torch.nn.Module = net
+    if ctx.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+    if dcfg.compile:
+        model = torch.compile(model)
+    settings = StepSettings(
+        whiten=dcfg.loss.whiten,
+        at_weight=dcfg.loss.at_weight,
+        label_weight=dcfg.loss.label_weight,
+        label_temperature=dcfg.loss.label_temperature,
+        grad_clip=dcfg.optim.grad_clip,
+        autocast_dtype=_autocast_dtype(dcfg, ctx.device),
+        channels_last=ctx.device.type == "cuda" and dcfg.channels_last,
+    )
+    trainer = Trainer(model, net, optimizer, scheduler, targets, settings, ctx.device, scaler=scaler)
+
+    # 4. resume: model, optimizer, scheduler, scaler, sampler position, RNG
+    epoch, batches_done = 0, 0
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        epoch, batches_done, trainer.step = (
+            int(state["sampler"]["epoch"]),
+            int(state["sampler"]["batches_done"]),
+            int(state["step"]),
+        )
+        rng = state["rng"] if ctx.is_main else load_checkpoint(exp_dir / "rng" / f"rank{ctx.rank}.pt")
+        set_rng_state(rng)
+        if ctx.is_main:
+            truncate_metrics(exp_dir / METRICS_NAME, trainer.step)
+        log.info("resumed %s at step %d (epoch %d, batch %d)", exp_dir, trainer.step, epoch, batches_done)
+    else:
+        sampler.set_epoch(0)
+
+    def checkpoint() -> None:
+        sampler_state = sampler.state_dict(batches_done=batches_done)
+        sampler_state["epoch"] = epoch
+        if not ctx.is_main:
+            (exp_dir / "rng").mkdir(exist_ok=True)
+            save_checkpoint(exp_dir / "rng" / f"rank{ctx.rank}.pt", rng_state())
+            return
+        save_checkpoint(
+            ckpt_path,
+            {
+                "step": trainer.step,
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "sampler": sampler_state,
+                "rng": rng_state(),
+                "bank_fingerprint": bank.fingerprint,
+            },
+        )
+
+    # 5. the loop: epochs of the bank sampler until total_steps
+    metrics = MetricsLog(exp_dir) if ctx.is_main else None
+    bar = tqdm(
+        total=total_steps, initial=trainer.step, disable=not (progress and ctx.is_main), desc="distill"
+    )
+    window: dict[str, float] = {}
+    window_steps, wait_s, window_start = 0, 0.0, time.perf_counter()
+    audit = None
+    if dcfg.audit_rows:
+        (exp_dir / "rows").mkdir(parents=True, exist_ok=True)
+        audit = (exp_dir / "rows" / f"rank{ctx.rank}.txt").open("a")
+    stop_at = min(dcfg.stop_at_step or total_steps, total_steps)
+    batch_iter = iter(loader)
+    while trainer.step < stop_at:
+        fetch_start = time.perf_counter()
+        batch = next(batch_iter, None)
+        if batch is None:  # the epoch ran out: next epoch
+            epoch, batches_done = epoch + 1, 0
+            sampler.set_epoch(epoch)
+            batch_iter = iter(loader)
+            continue
+        wait_s += time.perf_counter() - fetch_start
+        if label_logits is not None:
+            batch["label_logits"] = label_logits(batch["row"])
+        values = trainer.train_step(batch)
+        batches_done += 1
+        if audit is not None:
+            audit.write(" ".join(str(int(r)) for r in batch["row"]) + "\n")
+        bar.update(1)
+        for key, value in values.items():
+            window[key] = window.get(key, 0.0) + value
+        window_steps += 1
+        if trainer.step % dcfg.log_every == 0 or trainer.step == stop_at:
+            elapsed = time.perf_counter() - window_start
+            record = _reduce({k: v / window_steps for k, v in window.items()}, ctx)
+            record.update(
+                epoch=epoch,
+                data_wait_frac=wait_s / elapsed,
+                images_per_s=window_steps * dcfg.batch_size / elapsed,
+            )
+            if metrics is not None:
+                metrics.write(trainer.step, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", at=f"{record['at']:.4f}")
+            window, window_steps, wait_s, window_start = {}, 0, 0.0, time.perf_counter()
+        if trainer.step % dcfg.checkpoint_every == 0 and trainer.step < stop_at:
+            checkpoint()
+    bar.close()
+    if audit is not None:
+        audit.close()
+
+    # 6. final checkpoint; artifacts once the schedule is complete
+    checkpoint()
+    if ctx.is_main:
+        metrics.close()
+    if ctx.is_main and trainer.step >= total_steps:
+        meta = {"bank_fingerprint": bank.fingerprint, "steps": str(trainer.step), "exp": dcfg.exp}
+        export_artifacts(net, exp_dir, meta)
+    if ctx.world_size > 1:
+        dist.barrier()
+    return exp_dir
+
+
+def _reduce(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
+    """Mean of each logged value over ranks (one all_reduce)."""
+    if ctx.world_size == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(tensor)
+    return {k: float(v) / ctx.world_size for k, v in zip(keys, tensor.tolist(), strict=True)}

@@ -1,0 +1,264 @@
+"""Distillation end to end on a real tiny bank written with BankWriter (32x32 images, resnet18, a few steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from bank import BankWriter, ShardRows, spec_from_config
+from bank.config import BankConfig
+from distill.checkpoint import load_checkpoint
+from distill.cli import distill as distill_cli
+from distill.metrics import read_metrics
+from distill.train import run_distill
+from dreamteacher.schema import load_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_IMAGES, SIZE, DRAWS, FLIPS = 16, 32, 2, 2
+# (name, stride, channels, height, width): s32 is stored at 2x2 (the student's stride-32 map is 1x1) to exercise
+# the resize path
+LEVELS = [("s4", 4, 6, 8, 8), ("s8", 8, 6, 4, 4), ("s16", 16, 8, 2, 2), ("s32", 32, 8, 2, 2)]
+
+
+def _features(images_u8: np.ndarray, draw: np.ndarray) -> dict[str, np.ndarray]:
+    """Learnable 'teacher': a fixed random 1x1 projection of the average-pooled image, plus a per-draw offset."""
+    x = torch.from_numpy(images_u8).float() / 127.5 - 1.0
+    out = {}
+    for i, (name, _, channels, h, _) in enumerate(LEVELS):
+        proj = torch.randn(channels, 3, generator=torch.Generator().manual_seed(i))
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, h)  # (S, 3, h, h)
+        feats = torch.tanh(torch.einsum("kc,schw->skhw", proj, pooled) * 2.0)
+        out[name] = (feats + 0.05 * torch.from_numpy(draw).float().view(-1, 1, 1, 1)).numpy()
+    return out
+
+
+def write_bank(path: Path, *, seed: int = 0, channels_s4: int = 6) -> Path:
+    rng = np.random.default_rng(seed)
+    levels = [
+        dict(name=n, stride=s, channels=channels_s4 if n == "s4" else c, height=h, width=w)
+        for n, s, c, h, w in LEVELS
+    ]
+    cfg = BankConfig(shard_rows=16, codec="int8", level_codecs={"s32": "fp16"})
+    spec = spec_from_config(
+        levels,
+        cfg,
+        num_images=NUM_IMAGES,
+        draws=DRAWS,
+        flips=FLIPS,
+        image_size=SIZE,
+        attributes={"dataset": {"name": "distill-test", "seed": seed}},
+    )
+    writer = BankWriter.create(path, spec, cfg)
+    images = rng.integers(0, 256, size=(NUM_IMAGES, 3, SIZE, SIZE), dtype=np.uint8)
+    for shard in range(spec.num_shards):
+        rows = np.arange(spec.shard_range(shard).start, spec.shard_range(shard).stop)
+        image, draw, flip = rows // (DRAWS * FLIPS), (rows // FLIPS) % DRAWS, rows % FLIPS
+        pixels = images[image].copy()
+        pixels[flip == 1] = pixels[flip == 1][..., ::-1]
+        feats = _features(pixels, draw)
+        if channels_s4 != 6:
+            feats["s4"] = np.repeat(feats["s4"][:, :1], channels_s4, axis=1)
+        writer.write_shard(
+            shard,
+            ShardRows(
+                images_u8=pixels,
+                features=feats,
+                keys=[f"img{i:03d}" for i in image],
+                source_index=image,
+                draw=draw,
+                flip=flip,
+                seed=rows * 7 + 1,
+                ok=np.ones(len(rows), dtype=bool),
+            ),
+        )
+    writer.finalize({})
+    return path
+
+
+@pytest.fixture(scope="module")
+def bank_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_bank(tmp_path_factory.mktemp("bank") / "tiny.zarr")
+
+
+def make_cfg(bank: Path, out: Path, *overrides: str):
+    base = [
+        f"distill.bank={bank}",
+        f"distill.out={out}",
+        "distill.student.name=resnet18",
+        "distill.batch_size=4",
+        "distill.num_workers=0",
+        "distill.regressor.channels=16",
+        "distill.log_every=1",
+        "distill.optim.lr=0.002",
+        "distill.optim.warmup_epochs=0.5",
+        "distill.max_steps=6",
+    ]
+    return load_pipeline(REPO / "pipeline.yaml", [*base, *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def test_loss_falls_when_overfitting(bank_path: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(
+        bank_path,
+        tmp_path,
+        "distill.exp=fit",
+        "distill.max_steps=40",
+        "distill.batch_size=8",
+        "distill.optim.lr=0.003",
+        "distill.draw=first",
+        "distill.flip=none",
+    )
+    exp = run_distill(cfg, progress=False)
+    records = read_metrics(exp / "metrics.jsonl")
+    assert len(records) == 40
+    first = np.mean([r["loss"] for r in records[:4]])
+    last = np.mean([r["loss"] for r in records[-4:]])
+    assert last < 0.6 * first, (first, last)
+    assert {"mse/s4", "at/s32", "lr", "grad_norm", "data_wait_frac"} <= set(records[-1])
+    for name in (
+        "config.yaml",
+        "bank.json",
+        "checkpoint.pt",
+        "backbone.safetensors",
+        "backbone_torchvision.safetensors",
+        "regressor.safetensors",
+    ):
+        assert (exp / name).is_file(), name
+    # the exported backbone loads into fresh timm / torchvision models with the trained values
+    fresh = timm.create_model(
+        "resnet18",
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(exp / "backbone.safetensors")),
+    )
+    trained = load_checkpoint(exp / "checkpoint.pt")["model"]
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, trained[f"student.body.{key}"]), key
+    import torchvision
+
+    tv = torchvision.models.resnet18()
+    result = tv.load_state_dict(load_file(str(exp / "backbone_torchvision.safetensors")), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    assert torch.equal(tv.layer3[1].conv2.weight, fresh.layer3[1].conv2.weight)
+    # the plot subcommand
+    runner = CliRunner()
+    outcome = runner.invoke(distill_cli, ["plot", str(exp)])
+    assert outcome.exit_code == 0, outcome.output
+    assert (exp / "losses.png").stat().st_size > 1000
+
+
+def test_resume_is_bit_exact(bank_path: Path, tmp_path: Path) -> None:
+    # 16 images / batch 4 = 4 steps per epoch: the split at step 3 and the run's end cross an epoch boundary
+    full = run_distill(make_cfg(bank_path, tmp_path, "distill.exp=full"), progress=False)
+    half = make_cfg(
+        bank_path, tmp_path, "distill.exp=split", "distill.stop_at_step=3", "distill.checkpoint_every=2"
+    )
+    split = run_distill(half, progress=False)
+    assert not (split / "backbone.safetensors").exists()  # not finished: no artifacts yet
+    run_distill(make_cfg(bank_path, tmp_path, "distill.exp=split"), resume=True, progress=False)
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6 and a["sampler"] == b["sampler"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    losses_a = [r["loss"] for r in read_metrics(full / "metrics.jsonl")]
+    losses_b = [r["loss"] for r in read_metrics(split / "metrics.jsonl")]
+    assert losses_a == losses_b and len(losses_a) == 6
+
+
+def test_refuses_a_bank_that_does_not_fit(bank_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"distill.levels asks for \['s64'\]"):
+        run_distill(make_cfg(bank_path, tmp_path, "distill.levels=[s4, s64]"), progress=False)
+    # resuming an experiment on a different bank is refused, naming both fingerprints
+    run_distill(make_cfg(bank_path, tmp_path, "distill.exp=one", "distill.max_steps=1"), progress=False)
+    other = write_bank(tmp_path / "other.zarr", seed=1)
+    with pytest.raises(ValueError, match="a different bank"):
+        run_distill(
+            make_cfg(other, tmp_path, "distill.exp=one", "distill.max_steps=2"), resume=True, progress=False
+        )
+    with pytest.raises(ValueError, match="--resume"):
+        run_distill(make_cfg(bank_path, tmp_path, "distill.exp=one"), progress=False)
+
+
+def test_subset_of_levels(bank_path: Path, tmp_path: Path) -> None:
+    exp = run_distill(
+        make_cfg(bank_path, tmp_path, "distill.levels=[s8, s16]", "distill.max_steps=2"), progress=False
+    )
+    assert sorted(k for k in read_metrics(exp / "metrics.jsonl")[0] if k.startswith("mse/")) == [
+        "mse/s16",
+        "mse/s8",
+    ]
+
+
+def test_cli_trains_without_subcommand(bank_path: Path, tmp_path: Path) -> None:
+    args = [
+        "--config",
+        str(REPO / "pipeline.yaml"),
+        f"distill.bank={bank_path}",
+        f"distill.out={tmp_path}",
+        "distill.student.name=resnet18",
+        "distill.batch_size=4",
+        "distill.num_workers=0",
+        "distill.regressor.channels=8",
+        "distill.max_steps=1",
+        "distill.exp=cli",
+    ]
+    outcome = CliRunner().invoke(distill_cli, ["--no-progress", *args])
+    assert outcome.exit_code == 0, outcome.output
+    assert (tmp_path / "cli" / "backbone.safetensors").is_file()
+
+
+def test_ddp_two_processes_cover_each_image_once(bank_path: Path, tmp_path: Path) -> None:
+    # batch 8 over 2 ranks, 16 images: one epoch = 2 steps of 4 rows per rank
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "dreamteacher",
+        "distill",
+        "--no-progress",
+        "--config",
+        str(REPO / "pipeline.yaml"),
+        f"distill.bank={bank_path}",
+        f"distill.out={tmp_path}",
+        "distill.student.name=resnet18",
+        "distill.batch_size=8",
+        "distill.num_workers=0",
+        "distill.regressor.channels=8",
+        "distill.max_steps=2",
+        "distill.exp=ddp",
+        "distill.audit_rows=true",
+        "distill.device=cpu",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    per_rank = [
+        [
+            int(r)
+            for line in (tmp_path / "ddp" / "rows" / f"rank{k}.txt").read_text().splitlines()
+            for r in line.split()
+        ]
+        for k in range(2)
+    ]
+    images = [{r // (DRAWS * FLIPS) for r in rows} for rows in per_rank]
+    assert len(per_rank[0]) == len(per_rank[1]) == 8
+    assert not images[0] & images[1] and images[0] | images[1] == set(range(NUM_IMAGES))
+    assert json.loads((tmp_path / "ddp" / "bank.json").read_text())["path"] == str(bank_path)
+    assert (tmp_path / "ddp" / "backbone.safetensors").is_file()
