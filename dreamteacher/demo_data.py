@@ -291,7 +291,7 @@ def _write_coco(root: Path, progress: bool) -> None:
     for split in ("train", "val"):
         key = f"coco-{split}"
         data, scenes = coco_dict(key, COUNTS[key])
-        for image, scene in tqdm(list(zip(data["images"], scenes)), desc=f"demo data: coco {split}",
+        for image, scene in tqdm(list(zip(data["images"], scenes, strict=True)), desc=f"demo data: coco {split}",
                                  disable=not progress, leave=False):  # fmt: skip
             _write_png(root / f"{split}2017" / image["file_name"], scene.image_HW3)
         ann_path = root / "annotations" / f"instances_{split}2017.json"

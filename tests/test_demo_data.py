@@ -84,7 +84,7 @@ def test_coco_annotations_decode_to_exact_masks(tmp_path: Path, small_counts: No
         scene = demo_data.scene_for("coco-train", i)
         anns = coco.loadAnns(coco.getAnnIds(imgIds=image["id"], iscrowd=None))
         assert len(anns) == len(scene.instances)
-        for ann, inst in zip(anns, scene.instances):
+        for ann, inst in zip(anns, scene.instances, strict=True):
             np.testing.assert_array_equal(coco.annToMask(ann), inst["visible"])
             assert ann["category_id"] == inst["class_id"]
             assert ann["area"] == pytest.approx(float(mask_utils.area(coco.annToRLE(ann))))
