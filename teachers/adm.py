@@ -497,14 +497,24 @@ class ADMTeacher(Teacher):
             )
         unet = adm_from_flags(flags)
         state = torch.load(path, map_location="cpu", weights_only=True)
-        result = unet.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        # 1. compare names and shapes first: one message listing every difference (load_state_dict stops early)
+        expected = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        mismatched = [
+            f"{k}: {tuple(state[k].shape)} vs {expected[k]}"
+            for k in expected
+            if k in state and tuple(state[k].shape) != expected[k]
+        ]
+        if missing or unexpected or mismatched:
             raise ValueError(
                 f"{path} does not match the ADM built from the flags {unet.flags.as_dict()}: "
-                f"missing {result.missing_keys[:8]} (of {len(result.missing_keys)}), "
-                f"unexpected {result.unexpected_keys[:8]} (of {len(result.unexpected_keys)}). "
-                "Check the preset / teacher.flags against the checkpoint's training flags."
+                f"missing {missing[:6]} (of {len(missing)}), unexpected {unexpected[:6]} (of {len(unexpected)}), "
+                f"shape (checkpoint vs flags) {mismatched[:6]} (of {len(mismatched)}). "
+                "Check the preset / teacher.flags against the flags the checkpoint was trained with."
             )
+        # 2. load the original names as they are
+        unet.load_state_dict(state)
         return cls(
             unet, class_label=class_label, checkpoint=str(path), preset=preset, weights_sha256=_sha256(path)
         )

@@ -100,6 +100,31 @@ class DiffusersTeacher(Teacher):
             + "\n  ".join(errors)
         )
 
+    @classmethod
+    def debug(
+        cls,
+        resolution: int = 32,
+        *,
+        seed: int = 0,
+        num_train_timesteps: int = 1000,
+        prediction_type: str = "epsilon",
+    ) -> DiffusersTeacher:
+        """A tiny random-init teacher for tests and debug runs: 4 levels, channels (8, 16, 16, 32), one attention."""
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        torch.manual_seed(seed)
+        unet = UNet2DModel(
+            sample_size=resolution,
+            block_out_channels=(8, 16, 16, 32),
+            layers_per_block=1,
+            norm_num_groups=4,
+            attention_head_dim=8,
+            down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        )
+        scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type)
+        return cls(unet, scheduler, path=f"debug:{resolution}:{seed}")
+
     @property
     def tap_root(self) -> nn.Module:
         return self.unet
