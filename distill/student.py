@@ -1,8 +1,10 @@
 """The student backbone: a timm model read at strides 4/8/16/32, plus weight export.
 
-timm's ``features_only`` wrapper keeps the original model's module names (minus the classifier head), so the
-student's ``state_dict`` is already in timm's own parameter names: the exported file loads into a fresh
-``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), num_classes=0)``.
+timm's ``features_only`` wrapper renames flattened sequential modules (ConvNeXt ``stages.0`` -> ``stages_0``,
+``stem.0`` -> ``stem_0``; ResNet names survive), so the student keeps a key map to the original model's names and
+exports/imports in those: the exported file loads into a fresh ``timm.create_model(name, pretrained=True,
+pretrained_cfg_overlay=dict(file=...), num_classes=0)`` (or ``features_only=True``). A key that cannot be mapped
+is an error, never a silently random layer (timm loads non-strictly when num_classes differs).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ class Student(nn.Module):
 
     def __init__(self, name: str, weights: str = "") -> None:
         super().__init__()
-        with torch.device("meta"):  # only the feature_info is needed: no memory, no init time
-            probe = timm.create_model(name, pretrained=False, features_only=True)
-        reductions = probe.feature_info.reduction()
+        with torch.device("meta"):  # names and feature_info only: no memory, no init time
+            full = timm.create_model(name, pretrained=False, num_classes=0)
+        reductions = [info["reduction"] for info in full.feature_info]
         missing = [s for s in STUDENT_STRIDES if s not in reductions]
         if missing:
             raise ValueError(
@@ -42,6 +44,8 @@ class Student(nn.Module):
         self.strides: list[int] = list(STUDENT_STRIDES)
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.pretrained_cfg: dict = dict(self.body.pretrained_cfg)
+        self.timm_names = _timm_key_map(name, list(self.body.state_dict()), set(full.state_dict()))
+        """features-only key -> the full timm model's key."""
         if weights:
             self.load_weights(weights)
 
@@ -54,7 +58,8 @@ class Student(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"distill.student.weights: {str(path)!r} does not exist")
-        state = load_file(str(path))
+        from_timm = {timm_key: key for key, timm_key in self.timm_names.items()}
+        state = {from_timm.get(k, k): v for k, v in load_file(str(path)).items()}
         own = self.body.state_dict()
         unused = sorted(k for k in state if k not in own)
         missing = sorted(k for k in own if k not in state)
@@ -74,7 +79,26 @@ class Student(nn.Module):
 
     def timm_state_dict(self) -> dict[str, torch.Tensor]:
         """Backbone weights in timm's parameter names (contiguous CPU tensors, ready for safetensors)."""
-        return {k: v.detach().to("cpu").contiguous() for k, v in self.body.state_dict().items()}
+        return {
+            self.timm_names[k]: v.detach().to("cpu").contiguous() for k, v in self.body.state_dict().items()
+        }
+
+
+def _timm_key_map(name: str, feature_keys: list[str], timm_keys: set[str]) -> dict[str, str]:
+    """Undo timm's ``flatten_sequential`` renaming (first ``.`` -> ``_``); every key must land on a real one."""
+    mapping, unmapped = {}, []
+    for key in feature_keys:
+        candidate = key if key in timm_keys else key.replace("_", ".", 1)
+        if candidate in timm_keys:
+            mapping[key] = candidate
+        else:
+            unmapped.append(key)
+    if unmapped or len(set(mapping.values())) != len(mapping):
+        raise ValueError(
+            f"{name}: cannot map features-only parameter names to timm's ({unmapped[:3]}); "
+            "this student cannot be exported in timm's names"
+        )
+    return mapping
 
 
 def build_student(name: str, weights: str = "") -> Student:

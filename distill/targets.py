@@ -32,35 +32,57 @@ class BankTargets:
 class OnlineTargets:
     """Recompute the bank's targets with its teacher from the stored input pixels and the same noise rule.
 
-    The teacher config, taps, encoding mode, T and DDIM steps come from the bank's attributes (what encode
-    recorded), the noise of a row from its stored seed and flip (``teachers.encoding.make_noise``), so the
-    targets equal the stored ones up to the bank codec's error.
+    Encoding mode, T, DDIM steps, taps and resolution come from the bank's attributes (what encode recorded);
+    the teacher is the pipeline config's ``teachers.<name>`` for the recorded name, with the recorded settings,
+    and must have the recorded weights (sha256). A row's noise comes from its stored seed and flip
+    (``teachers.encoding.make_noise``), so the targets equal the stored ones up to the bank codec's error.
     """
 
-    def __init__(self, bank_attrs: dict[str, Any], levels: list[str], device: torch.device) -> None:
-        from dreamteacher.config import from_mapping
+    def __init__(
+        self, bank_attrs: dict[str, Any], teachers: dict[str, Any], levels: list[str], device: torch.device
+    ) -> None:
+        from dreamteacher.config import from_mapping, to_dict
         from teachers import build_teacher
         from teachers.config import TapConfig, TeacherConfig
         from teachers.encoding import TeacherEncoder
 
         try:
-            teacher_cfg = from_mapping(TeacherConfig, bank_attrs["teacher"]["config"])
-            encoding = bank_attrs["encoding"]
-            taps = [from_mapping(TapConfig, tap) for tap in bank_attrs["taps"]]
+            recorded, encoding = bank_attrs["teacher"], bank_attrs["encoding"]
+            taps = {
+                tap["name"]: TapConfig(module=tap["module"], point=tap["point"], stride=int(tap["stride"]))
+                for tap in bank_attrs["taps"]
+            }
+            resolution = int(bank_attrs["preprocessing"]["resolution"])
         except KeyError as exc:
             raise ValueError(
-                f"the bank's attributes lack {exc} needed to rebuild its teacher for --online; "
+                f"the bank's attributes lack {exc}, needed to rebuild its teacher for --online; "
                 "re-encode the bank with this version of `dreamteacher encode`"
             ) from exc
+        name = recorded["name"]
+        if name not in teachers:
+            raise ValueError(
+                f"--online: the bank was encoded by teacher {name!r}, which is not in the config's "
+                f"teachers ({', '.join(sorted(teachers))}); add it with its path / checkpoint"
+            )
+        # the recorded settings; the weights' location (machine-specific, not recorded) from this config
+        local = to_dict(teachers[name])
+        teacher_cfg = from_mapping(
+            TeacherConfig, {**recorded["config"], "path": local["path"], "checkpoint": local["checkpoint"]}
+        )
         self.teacher = build_teacher(teacher_cfg, device)
-        by_name = {f"s{tap.stride}": tap for tap in taps}
+        want, have = recorded["identity"].get("weights_sha256"), self.teacher.identity().get("weights_sha256")
+        if want != have:
+            raise ValueError(
+                f"--online: teacher {name!r} weights have sha256 {have}, the bank was encoded with "
+                f"{want}; point teachers.{name} at the original weights"
+            )
         self.encoder = TeacherEncoder(
             self.teacher,
-            [by_name[name] for name in levels],
+            [taps[level] for level in levels],
             mode=encoding["mode"],
             t=int(encoding["t"]),
             ddim_steps=int(encoding.get("ddim_steps", 0)),
-            resolution=int(encoding["resolution"]),
+            resolution=resolution,
             device=device,
             dtype_name=teacher_cfg.dtype,
             channels_last=teacher_cfg.channels_last,
@@ -78,9 +100,9 @@ class OnlineTargets:
             seeds = [int(s) for s in batch["seed"]]
             flips = [bool(f) for f in batch["flip"]]
             eps_BCHW = make_noise(seeds, flips, x0_BCHW.shape[1:]).to(self.device)
-        # 3. one teacher read-out
+        # 3. one teacher read-out; clone leaves inference mode so autograd may use the targets
         feats = self.encoder(x0_BCHW, eps_BCHW)
-        return {name: feats[name].float().clone() for name in self.levels}  # clone: out of inference mode
+        return {name: feats[name].float().clone() for name in self.levels}
 
 
 class LabelLogits:

@@ -200,7 +200,7 @@ def run_distill(cfg: PipelineConfig, *, resume: bool = False, progress: bool = T
             f"batch size ({dcfg.batch_size // ctx.world_size}); lower distill.batch_size"
         )
     targets = (
-        OnlineTargets(bank.spec.attributes, levels, ctx.device)
+        OnlineTargets(bank.spec.attributes, cfg.teachers, levels, ctx.device)
         if dcfg.online
         else BankTargets(ctx.device, levels)
     )

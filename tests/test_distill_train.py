@@ -262,3 +262,211 @@ def test_ddp_two_processes_cover_each_image_once(bank_path: Path, tmp_path: Path
     assert not images[0] & images[1] and images[0] | images[1] == set(range(NUM_IMAGES))
     assert json.loads((tmp_path / "ddp" / "bank.json").read_text())["path"] == str(bank_path)
     assert (tmp_path / "ddp" / "backbone.safetensors").is_file()
+
+
+ADM_TINY = REPO / "tests" / "data" / "adm-tiny"
+
+
+def write_teacher_bank(path: Path, teacher_cfg) -> Path:  # noqa: ANN001 - TeacherConfig
+    """A bank encoded the way encode does it (noise mode, per-row seeds, flipped rows get mirrored noise)."""
+    from dreamteacher.config import to_dict
+    from teachers import build_teacher, resolve_taps
+    from teachers.encoding import TeacherEncoder, make_noise
+
+    teacher = build_teacher(teacher_cfg, "cpu")
+    encoder = TeacherEncoder(
+        teacher,
+        resolve_taps(teacher, teacher_cfg),
+        mode="noise",
+        t=50,
+        ddim_steps=0,
+        resolution=64,
+        device="cpu",
+        dtype_name="fp32",
+        channels_last=False,
+    )
+    num_images, draws, flips = 2, 2, 2
+    attributes = {
+        "teacher": {
+            "name": "tiny",
+            "identity": to_dict(teacher.identity()),
+            "config": {k: v for k, v in to_dict(teacher_cfg).items() if k not in ("path", "checkpoint")},
+        },
+        "encoding": {"mode": "noise", "t": 50, "ddim_steps": 0, "seed": 0},
+        "taps": [tap.as_dict() for tap in encoder.taps_info],
+        "preprocessing": {"resolution": 64},
+    }
+    cfg = BankConfig(shard_rows=8, codec="fp16")
+    spec = spec_from_config(
+        [tap.as_dict() for tap in encoder.taps_info],
+        cfg,
+        num_images=num_images,
+        draws=draws,
+        flips=flips,
+        image_size=64,
+        attributes=attributes,
+    )
+    writer = BankWriter.create(path, spec, cfg)
+    rows = np.arange(spec.num_rows)
+    flip, draw, image = rows % 2, (rows // 2) % 2, rows // 4
+    pixels = np.random.default_rng(0).integers(0, 256, size=(num_images, 3, 64, 64), dtype=np.uint8)[image]
+    pixels[flip == 1] = pixels[flip == 1][..., ::-1]
+    seeds = 1000 + rows // 2
+    eps = make_noise(seeds.tolist(), flip.astype(bool).tolist(), (3, 64, 64))
+    feats = encoder(torch.from_numpy(pixels).float() / 127.5 - 1.0, eps)
+    writer.write_shard(
+        0,
+        ShardRows(
+            images_u8=pixels,
+            features=feats,
+            keys=[f"k{i}" for i in image],
+            source_index=image,
+            draw=draw,
+            flip=flip,
+            seed=seeds,
+            ok=np.ones(len(rows), dtype=bool),
+        ),
+    )
+    writer.finalize({})
+    return path
+
+
+def test_online_targets_equal_the_bank(tmp_path: Path) -> None:
+    from bank import Bank, BankTrainSet, decode_targets
+    from distill.targets import OnlineTargets
+    from dreamteacher.config import from_mapping
+    from teachers.config import TeacherConfig
+
+    flags = json.loads((ADM_TINY / "flags.json").read_text())
+    teacher_cfg = from_mapping(
+        TeacherConfig,
+        {"kind": "adm", "checkpoint": str(ADM_TINY / "model.pt"), "flags": flags, "dtype": "fp32"},
+    )
+    path = write_teacher_bank(tmp_path / "adm.zarr", teacher_cfg)
+    bank = Bank.open(path)
+    levels = [lv.name for lv in bank.levels]
+    assert levels == ["s32", "s16", "s8", "s4"]
+    batch = BankTrainSet(path).__getitems__([1, 2, 5])  # rows with and without flips
+    stored = decode_targets(batch["targets"], "cpu")
+    online = OnlineTargets(bank.spec.attributes, {"tiny": teacher_cfg}, levels, torch.device("cpu"))(batch)
+    for name in levels:
+        torch.testing.assert_close(
+            online[name], stored[name], rtol=2e-3, atol=2e-3 * stored[name].abs().max()
+        )
+    # a wrong teacher is refused, naming the checkpoint mismatch
+    wrong = from_mapping(
+        TeacherConfig,
+        {"kind": "adm", "checkpoint": str(REPO / "tests/data/adm-tiny-heads/model.pt"), "flags": flags},
+    )
+    with pytest.raises((ValueError, RuntimeError)):
+        OnlineTargets(bank.spec.attributes, {"tiny": wrong}, levels, torch.device("cpu"))
+    # and a training run in online mode reads only pixels from the bank
+    cfg = load_pipeline(
+        REPO / "pipeline.yaml",
+        [
+            f"distill.bank={path}",
+            f"distill.out={tmp_path}",
+            "distill.student.name=resnet18",
+            "distill.batch_size=2",
+            "distill.num_workers=0",
+            "distill.regressor.channels=8",
+            "distill.max_steps=2",
+            "distill.online=true",
+            "teachers.tiny.kind=adm",
+            f"teachers.tiny.checkpoint={ADM_TINY / 'model.pt'}",
+        ],
+    )
+    cfg.teachers["tiny"].flags = flags
+    exp = run_distill(cfg, progress=False)
+    assert len(read_metrics(exp / "metrics.jsonl")) >= 1
+
+
+def test_non_finite_loss_names_step_and_terms() -> None:
+    from distill.model import DistillNet
+    from distill.student import build_student
+    from distill.train import build_optimizer, build_schedule
+    from distill.trainer import NonFiniteLossError, StepSettings, Trainer
+
+    cfg = load_pipeline(REPO / "pipeline.yaml", ["distill.max_steps=4"]).distill
+    net = DistillNet(build_student("resnet18"), {"s8": 4, "s16": 4}, channels=8)
+    optimizer = build_optimizer(net, cfg)
+    scheduler, _ = build_schedule(optimizer, cfg, steps_per_epoch=4)
+
+    def targets(batch: dict) -> dict[str, torch.Tensor]:
+        bad = torch.zeros(2, 4, 4, 4)
+        bad[0, 0, 0, 0] = float("nan")
+        return {"s8": bad, "s16": torch.zeros(2, 4, 2, 2)}
+
+    trainer = Trainer(
+        net,
+        net,
+        optimizer,
+        scheduler,
+        targets,
+        StepSettings(whiten="sample", at_weight=10.0),
+        torch.device("cpu"),
+        step=7,
+    )
+    with pytest.raises(NonFiniteLossError, match=r"step 7 .*'mse/s8'.*at/s16="):
+        trainer.train_step({"image": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)})
+
+
+def test_label_distillation_from_a_logits_file(bank_path: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    logits = torch.randn(NUM_IMAGES * DRAWS * FLIPS, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    save_file({"logits": logits}, str(tmp_path / "logits.safetensors"))
+    cfg = make_cfg(
+        bank_path,
+        tmp_path,
+        "distill.exp=mix",
+        "distill.max_steps=2",
+        f"distill.loss.label_logits={tmp_path / 'logits.safetensors'}",
+    )
+    exp = run_distill(cfg, progress=False)
+    record = read_metrics(exp / "metrics.jsonl")[-1]
+    assert record["label"] > 0 and record["loss"] == pytest.approx(
+        record["mse"] + 10 * record["at"] + record["label"], rel=1e-5
+    )
+    assert "label_head.weight" in load_file(str(exp / "regressor.safetensors"))
+    save_file({"logits": logits[:5]}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(ValueError, match="expected \\(bank rows = 64"):
+        run_distill(
+            make_cfg(
+                bank_path,
+                tmp_path,
+                "distill.exp=short",
+                f"distill.loss.label_logits={tmp_path / 'short.safetensors'}",
+            ),
+            progress=False,
+        )
+
+
+def test_convnext_export_loads_into_timm(tmp_path: Path) -> None:
+    from distill.export import export_artifacts
+    from distill.model import DistillNet
+    from distill.student import build_student
+
+    torch.manual_seed(3)
+    net = DistillNet(build_student("convnext_atto"), {"s4": 4}, channels=8)
+    written = export_artifacts(net, tmp_path, {"exp": "t"})
+    assert "torchvision" not in written
+    fresh = timm.create_model(
+        "convnext_atto",
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(written["backbone"])),
+    )
+    own = net.student.timm_state_dict()
+    for key, value in fresh.state_dict().items():
+        if not key.startswith("head."):  # the classifier head's norm is not part of a features-only student
+            assert torch.equal(value, own[key]), key
+    feats = timm.create_model(
+        "convnext_atto",
+        pretrained=True,
+        features_only=True,
+        pretrained_cfg_overlay=dict(file=str(written["backbone"])),
+    )
+    assert torch.equal(
+        feats.stages_3.blocks[0].conv_dw.weight, net.student.body.stages_3.blocks[0].conv_dw.weight
+    )
