@@ -1,0 +1,129 @@
+"""Teacher interface contract (every family), the diffusers teacher's loading and taps, and the registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from teachers import FeatureTaps, Teacher, build_teacher, discover_taps, resolve_taps
+from teachers.adm import ADMTeacher
+from teachers.config import TapConfig, TeacherConfig
+from teachers.diffusers_unet import DiffusersTeacher
+
+DATA = Path(__file__).parent / "data"
+
+
+def _adm_tiny() -> ADMTeacher:
+    flags = json.loads((DATA / "adm-tiny-heads" / "flags.json").read_text())
+    return ADMTeacher.from_checkpoint(DATA / "adm-tiny-heads" / "model.pt", flags)
+
+
+FAMILIES = {"diffusers": lambda: DiffusersTeacher.debug(32), "adm": _adm_tiny}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_teacher_contract(family: str) -> None:
+    """Every family: float64 schedule, eps of the input's shape, four default taps at strides 32..4 that
+    discover with decreasing feature stride, and a JSON-serialisable identity."""
+    teacher: Teacher = FAMILIES[family]().eval()
+    assert teacher.alphas_cumprod.dtype == torch.float64
+    assert teacher.num_train_timesteps == 1000
+    assert bool((teacher.alphas_cumprod[1:] < teacher.alphas_cumprod[:-1]).all())
+    x = torch.zeros(2, 3, teacher.resolution, teacher.resolution)
+    with torch.no_grad():
+        assert teacher.predict_eps(x, torch.tensor([0, 999])).shape == x.shape
+    taps = teacher.default_taps()
+    assert [t.stride for t in taps] == [32, 16, 8, 4]
+    infos = discover_taps(teacher, taps, teacher.resolution)
+    assert [i.name for i in infos] == ["s32", "s16", "s8", "s4"]
+    sizes = [i.height for i in infos]
+    assert sizes == [sizes[0] * 2**k for k in range(4)] and all(i.height == i.width for i in infos)
+    ident = json.loads(json.dumps(teacher.identity()))
+    assert ident["kind"] == family and len(ident["weights_sha256"]) == 64
+
+
+def test_diffusers_default_taps_read_pre_upsample_points() -> None:
+    teacher = DiffusersTeacher.debug(32)
+    assert [(t.module, t.point) for t in teacher.default_taps()] == [
+        ("up_blocks.0.upsamplers.0", "input"),
+        ("up_blocks.1.upsamplers.0", "input"),
+        ("up_blocks.2.upsamplers.0", "input"),
+        ("up_blocks.3", "output"),
+    ]
+    # the upsampler's input is the output of the level's last resnet / attention
+    seen: dict[str, torch.Tensor] = {}
+    handle = (
+        teacher.unet.up_blocks[0]
+        .attentions[-1]
+        .register_forward_hook(lambda m, a, o: seen.setdefault("a", o))
+    )
+    with torch.no_grad(), FeatureTaps(teacher, teacher.default_taps()[:1]) as captured:
+        teacher.predict_eps(torch.randn(1, 3, 32, 32), torch.tensor([10]))
+    handle.remove()
+    torch.testing.assert_close(captured.features["s32"], seen["a"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["pipeline", "bare"])
+def test_save_pretrained_layouts_round_trip(tmp_path: Path, layout: str) -> None:
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    teacher = DiffusersTeacher.debug(32, seed=3)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    if layout == "pipeline":
+        DDPMPipeline(unet=teacher.unet, scheduler=scheduler).save_pretrained(tmp_path)
+    else:
+        teacher.unet.save_pretrained(tmp_path)
+        scheduler.save_pretrained(tmp_path)
+    cfg = TeacherConfig(kind="diffusers", path=str(tmp_path), channels_last=False)
+    loaded = build_teacher(cfg, "cpu")
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([100])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict_eps(x, t), teacher.eval().predict_eps(x, t))
+    torch.testing.assert_close(loaded.alphas_cumprod, scheduler.alphas_cumprod.double())
+    ident = loaded.identity()
+    assert ident["path"] == str(tmp_path) and ident["config"]["block_out_channels"] == [8, 16, 16, 32]
+    assert ident["weights_sha256"] == build_teacher(cfg, "cpu").identity()["weights_sha256"]
+
+
+def test_v_prediction_is_converted_to_epsilon() -> None:
+    teacher = DiffusersTeacher.debug(32, prediction_type="v_prediction").eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 700])
+    with torch.no_grad():
+        v = teacher.unet(x, t).sample
+        abar = teacher.alphas_cumprod[t].float()[:, None, None, None]
+        # x_t = sqrt(a) x0 + sqrt(1-a) eps and v = sqrt(a) eps - sqrt(1-a) x0  =>  eps = sqrt(a) v + sqrt(1-a) x_t
+        torch.testing.assert_close(teacher.predict_eps(x, t), abar.sqrt() * v + (1 - abar).sqrt() * x)
+
+
+def test_registry_errors_name_the_config_key(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="valid kinds: diffusers, adm"):
+        build_teacher(TeacherConfig(kind="gan"), "cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="teacher.path is empty"):
+        build_teacher(TeacherConfig(kind="diffusers"), "cpu")
+    with pytest.raises(FileNotFoundError, match="neither a pipeline folder"):
+        build_teacher(TeacherConfig(kind="diffusers", path=str(tmp_path)), "cpu")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_teacher(TeacherConfig(kind="diffusers", path=str(tmp_path / "missing")), "cpu")
+    with pytest.raises(Exception, match="ADM_CKPT"):
+        build_teacher(
+            TeacherConfig(kind="adm", preset="adm-256-uncond", checkpoint="${ADM_CKPT_UNSET_X}"), "cpu"
+        )
+
+
+def test_resolve_taps_prefers_configured_taps() -> None:
+    teacher = DiffusersTeacher.debug(32)
+    custom = [TapConfig(module="up_blocks.1", stride=8)]
+    assert resolve_taps(teacher, TeacherConfig(kind="diffusers", taps=custom)) == custom
+    assert resolve_taps(teacher, TeacherConfig(kind="diffusers")) == teacher.default_taps()
+
+
+def test_bad_taps_are_clear_errors() -> None:
+    teacher = DiffusersTeacher.debug(32)
+    with pytest.raises(ValueError, match=r"do not exist(.|\n)*up_blocks\.0\.upsamplers\.0"):
+        discover_taps(teacher, [TapConfig(module="up_blocks.9", stride=8)], 32)
+    with pytest.raises(ValueError, match="stride 12 does not divide the image size 32"):
+        discover_taps(teacher, [TapConfig(module="up_blocks.1", stride=12)], 32)
