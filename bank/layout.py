@@ -4,8 +4,8 @@ Every big array (input pixels, each codec part of each level) has chunk = one ro
 rows, so one shard is one file per array. The Zarr v3 sharding codec specifies that file: the encoded inner
 chunks, then an index of ``(offset, nbytes)`` uint64 little-endian pairs (one per inner chunk, C order,
 ``2**64 - 1`` twice for an absent chunk) and a 4-byte crc32c of the index. :class:`ShardFile` reads rows straight
-out of that layout through ``np.memmap``: zarr-python costs ~1.6 ms per ``a[i]`` call (storage.md), which caps
-a reader at ~600 rows/s per process, while copying out of the page cache runs at memory bandwidth. zarr-python
+out of that layout with ``os.preadv``: zarr-python costs ~1.6 ms per ``a[i]`` call (storage.md), which caps
+a reader at ~600 rows/s per process, while reading chunks by offset from the page cache runs near the raw file-read speed. zarr-python
 stays the writer and the validator (``bank verify`` compares the two).
 """
 
@@ -91,7 +91,6 @@ def create_arrays(group: zarr.Group, spec: BankSpec) -> None:
                 compressors=compressors,
                 filters=None,
                 fill_value=0,
-                config={"write_empty_chunks": True},
             )
         else:
             # small per-row arrays: one chunk per shard, written whole by the shard's writer
@@ -143,45 +142,62 @@ def check_arrays(group: zarr.Group, spec: BankSpec) -> None:
 
 
 class ShardFile:
-    """Rows of one shard file of one array, read through the shard index (no zarr-python call)."""
+    """Rows of one shard file of one array, read through the shard index (no zarr-python call).
+
+    Each row's chunk is read with one ``os.preadv`` straight into the caller's output buffer: measured faster
+    than copying out of an ``np.memmap`` (page-fault bound) and it needs no intermediate copy.
+    """
 
     def __init__(self, path: Path, adef: ArrayDef, shard_rows: int, decoder: Any | None) -> None:
         try:
-            self._mm = np.memmap(path, dtype=np.uint8, mode="r")
+            self._fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as exc:
             raise BankError(f"shard file {path} is missing; re-run encode to rewrite its shard") from exc
+        size = os.fstat(self._fd).st_size
         index_nbytes = 16 * shard_rows + _INDEX_CRC_BYTES
-        if self._mm.size < index_nbytes:
-            raise BankError(f"shard file {path} is truncated ({self._mm.size} bytes); re-run encode")
-        start = self._mm.size - index_nbytes
+        if size < index_nbytes:
+            os.close(self._fd)
+            raise BankError(f"shard file {path} is truncated ({size} bytes); re-run encode")
+        raw_index = os.pread(self._fd, 16 * shard_rows, size - index_nbytes)
         # (shard_rows, 2) uint64 little-endian (offset, nbytes)
-        self.index = np.frombuffer(self._mm, dtype="<u8", count=2 * shard_rows, offset=start).reshape(-1, 2)
+        self.index = np.frombuffer(raw_index, dtype="<u8").reshape(-1, 2)
         self.adef, self.decoder, self.path = adef, decoder, path
-        self.dtype = (
-            np.dtype(adef.dtype).newbyteorder("<") if np.dtype(adef.dtype).itemsize > 1 else adef.dtype
-        )
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
     def read_into(self, local_rows: np.ndarray, out: np.ndarray) -> None:
-        """Copy rows ``local_rows`` (positions inside the shard) into ``out`` (len(local_rows), *row_shape)."""
+        """Copy rows ``local_rows`` (positions inside the shard) into ``out`` (len(local_rows), *row_shape),
+        a C-contiguous buffer of the array's dtype."""
         row_nbytes = self.adef.row_nbytes
+        out_bytes = out.reshape(len(local_rows), -1).view(np.uint8)
         for j, local in enumerate(local_rows):
             offset, nbytes = self.index[local]
             if offset == _ABSENT and nbytes == _ABSENT:
-                out[j] = 0  # chunk never written: fill value
+                out_bytes[j] = 0  # chunk never written: fill value
                 continue
-            raw = self._mm[int(offset) : int(offset) + int(nbytes)]
-            if self.decoder is not None:
-                raw = np.frombuffer(self.decoder.decode(raw), dtype=np.uint8)
-            if raw.size != row_nbytes:
+            if self.decoder is None and nbytes == row_nbytes:
+                got = os.preadv(self._fd, [out_bytes[j]], int(offset))
+            else:
+                raw = os.pread(self._fd, int(nbytes), int(offset))
+                data = self.decoder.decode(raw) if self.decoder is not None else raw
+                got = len(data)
+                if got == row_nbytes:
+                    out_bytes[j] = np.frombuffer(data, dtype=np.uint8)
+            if got != row_nbytes:
                 raise BankError(
-                    f"{self.path}: row {local} holds {raw.size} bytes, expected {row_nbytes}; the shard is corrupt "
+                    f"{self.path}: row {local} holds {got} bytes, expected {row_nbytes}; the shard is corrupt "
                     "(run `dreamteacher bank verify`)"
                 )
-            out[j] = raw.view(self.dtype).reshape(self.adef.row_shape)
 
 
 class ShardFileCache:
-    """Per-process LRU of open :class:`ShardFile` s (re-created after fork: memmaps are per process)."""
+    """Per-process LRU of open :class:`ShardFile` s (re-created after fork: descriptors are per process)."""
 
     def __init__(self, root: Path, spec: BankSpec, capacity: int = 64) -> None:
         self.root, self.spec, self.capacity = root, spec, capacity
@@ -192,7 +208,7 @@ class ShardFileCache:
 
     def get(self, adef: ArrayDef, shard: int) -> ShardFile:
         if self._pid != os.getpid():
-            self._files.clear()
+            self._files.clear()  # the parent's descriptors stay the parent's
             self._pid = os.getpid()
         key = (adef.path, shard)
         if key in self._files:
@@ -202,5 +218,5 @@ class ShardFileCache:
         shard_file = ShardFile(adef.shard_file(self.root, shard), adef, self.spec.shard_rows, decoder)
         self._files[key] = shard_file
         if len(self._files) > self.capacity:
-            self._files.popitem(last=False)
+            self._files.popitem(last=False)[1].close()
         return shard_file

@@ -230,24 +230,11 @@ class BankWriter:
         # 1. a rewrite first withdraws the marker, so a crash mid-rewrite leaves the shard pending
         marker = self.path / done_marker_name(shard)
         marker.unlink(missing_ok=True)
-        sl = slice(span.start, span.stop)
-        # 2. features: each codec runs on the tensor's device, then one whole-shard write per part
-        absmax: dict[str, float] = {}
-        for level in self.spec.levels:
-            feats_SCHW = rows.features[level.name]
-            if isinstance(feats_SCHW, np.ndarray):
-                feats_SCHW = torch.from_numpy(feats_SCHW)
-            ok_rows = torch.from_numpy(rows.ok).to(feats_SCHW.device)
-            absmax[level.name] = float(feats_SCHW[ok_rows].abs().amax()) if bool(ok_rows.any()) else 0.0
-            for part, values in self.codecs[level.name].encode(feats_SCHW).items():
-                self.group[f"features/{level.name}/{part}"][sl] = values.cpu().numpy()
-        # 3. pixels and per-row metadata
-        self.group["image"][sl] = rows.images_u8
-        self.group["key"][sl] = encode_keys(rows.keys)
-        for name in ("source_index", "draw", "flip", "seed"):
-            self.group[name][sl] = np.asarray(getattr(rows, name), dtype=np.int64)
-        self.group["ok"][sl] = np.asarray(rows.ok, dtype=bool)
-        # 4. checksums of what is now on disk, then the marker
+        # 2. features (codecs run on the tensors' device), pixels, per-row metadata: whole-shard writes.
+        #    All-zero chunks (rejected rows, draw with K=1) must still be files: the marker checksums every file.
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            absmax = self._write_arrays(slice(span.start, span.stop), rows)
+        # 3. checksums of what is now on disk, then the marker (last, atomic)
         files = {}
         for adef in self.arrays.values():
             file = adef.shard_file(self.path, shard)
@@ -271,6 +258,24 @@ class BankWriter:
             "bytes": nbytes,
             "seconds": time.perf_counter() - start_time,
         }
+
+    def _write_arrays(self, sl: slice, rows: ShardRows) -> dict[str, float]:
+        """Write every array's rows ``sl``; returns each level's max |feature| over OK rows (for verify)."""
+        absmax: dict[str, float] = {}
+        for level in self.spec.levels:
+            feats_SCHW = rows.features[level.name]
+            if isinstance(feats_SCHW, np.ndarray):
+                feats_SCHW = torch.from_numpy(feats_SCHW)
+            ok_rows = torch.from_numpy(np.asarray(rows.ok, dtype=bool)).to(feats_SCHW.device)
+            absmax[level.name] = float(feats_SCHW[ok_rows].abs().amax()) if bool(ok_rows.any()) else 0.0
+            for part, values in self.codecs[level.name].encode(feats_SCHW).items():
+                self.group[f"features/{level.name}/{part}"][sl] = values.cpu().numpy()
+        self.group["image"][sl] = rows.images_u8
+        self.group["key"][sl] = encode_keys(rows.keys)
+        for name in ("source_index", "draw", "flip", "seed"):
+            self.group[name][sl] = np.asarray(getattr(rows, name), dtype=np.int64)
+        self.group["ok"][sl] = np.asarray(rows.ok, dtype=bool)
+        return absmax
 
     def _check_rows(self, shard: int, span: range, rows: ShardRows) -> None:
         n, spec, problems = len(span), self.spec, []

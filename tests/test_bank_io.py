@@ -166,3 +166,12 @@ def test_writer_checks_rows(tmp_path):
     with pytest.raises(BankError, match="row layout"):
         writer.write_shard(0, rows)
     assert not os.path.exists(tmp_path / "b.zarr" / done_marker_name(0))
+
+
+def test_all_zero_row_arrays_are_still_written(tmp_path):
+    # one draw, no flips: draw and flip are all zero, which zarr would otherwise skip as "empty" chunks
+    spec = write_bank(
+        tmp_path / "b.zarr", BankConfig(shard_rows=2, level_codecs={"s8": "fp16"}), draws=1, flips=1
+    )
+    bank = Bank.open(tmp_path / "b.zarr")
+    assert bank.num_rows == spec.num_rows == 5 and bank.read_rows([4])["draw"].tolist() == [0]

@@ -1,0 +1,316 @@
+"""``make bench-bank``: codec quality/size/speed on real teacher features, and reader throughput.
+
+Teacher: the demo teacher (assets/demo-teacher) when present, else a clearly labelled random-init UNet2DModel.
+Images: matplotlib's bundled sample photos (grace_hopper.jpg, Minduka_Present_Blue_Pack.png, logo2.png), several
+crops each, both flip views, two noise draws. Everything runs in ONE process on ONE thread: figures are per core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from PIL import Image
+
+from bank import Bank, BankWriter, EpochSampler, ShardRows, make_codec, spec_from_config
+from bank.config import BankConfig
+from bank.layout import array_defs
+from bank.wds import export_wds, iter_rows
+from teachers.config import TeacherConfig
+from teachers.encoding import TeacherEncoder, make_noise
+from teachers.registry import build_teacher, resolve_taps
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_TEACHER = ROOT / "assets" / "demo-teacher"
+SAMPLE_IMAGES = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
+ADM256_LEVELS = [("s32", 32, 1024, 8), ("s16", 16, 1024, 16), ("s8", 8, 512, 32), ("s4", 4, 512, 64)]
+BENCH_BEGIN, BENCH_END = "<!-- bank:begin -->", "<!-- bank:end -->"
+
+
+def load_teacher(path: str) -> tuple[torch.nn.Module, str]:
+    if path or DEMO_TEACHER.exists():
+        folder = path or str(DEMO_TEACHER)
+        return build_teacher(
+            TeacherConfig(kind="diffusers", path=folder), "cpu"
+        ), f"diffusers teacher {folder}"
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from teachers.diffusers_unet import DiffusersTeacher
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=64,
+        block_out_channels=(32, 32, 64, 64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 6,
+        up_block_types=("UpBlock2D",) * 6,
+        norm_num_groups=8,
+    )
+    teacher = DiffusersTeacher(unet, DDPMScheduler(num_train_timesteps=1000)).eval().requires_grad_(False)
+    return (
+        teacher,
+        "RANDOM-INIT UNet2DModel (no demo teacher in assets/ yet): features are NOT a trained teacher's",
+    )
+
+
+def real_images(size: int, crops_per_image: int) -> np.ndarray:
+    """(N, 3, size, size) uint8 crops of matplotlib's sample photos."""
+    import matplotlib
+
+    rng = np.random.default_rng(0)
+    out = []
+    for name in SAMPLE_IMAGES:
+        image = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / name).convert("RGB")
+        w, h = image.size
+        for _ in range(crops_per_image):
+            side = int(min(w, h) * rng.uniform(0.5, 1.0))
+            x, y = rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)
+            crop = image.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
+            out.append(np.asarray(crop).transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def encode_features(teacher, images_u8: np.ndarray, t: int, draws: int) -> dict[str, torch.Tensor]:
+    """Rows (image, draw, flip) in bank order -> {level: (rows, C, h, w) float32}."""
+    encoder = TeacherEncoder(
+        teacher,
+        resolve_taps(teacher, TeacherConfig(kind="diffusers")),
+        mode="noise",
+        t=t,
+        ddim_steps=1,
+        resolution=teacher.resolution,
+        device="cpu",
+        dtype_name="fp32",
+        channels_last=False,
+    )
+    x = torch.from_numpy(images_u8).float() / 127.5 - 1
+    rows_x, seeds, flips = [], [], []
+    for i in range(len(x)):
+        for d in range(draws):
+            for f in (0, 1):
+                rows_x.append(x[i].flip(-1) if f else x[i])
+                seeds.append(1000 * i + d)
+                flips.append(bool(f))
+    x_rows = torch.stack(rows_x)
+    eps = make_noise(seeds, flips, x_rows.shape[1:])
+    feats: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(x_rows), 8):
+        for name, value in encoder(x_rows[start : start + 8], eps[start : start + 8]).items():
+            feats.setdefault(name, []).append(value)
+    return {name: torch.cat(v) for name, v in feats.items()}
+
+
+def timed(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def codec_table(feats: dict[str, torch.Tensor]) -> list[str]:
+    variants = [("fp16", "none"), ("int8", "none"), ("int8", "blosc-lz4"), ("bitround", "blosc-lz4")]
+    lines = [
+        "| level | C x h x w | codec | bytes/view vs fp16 | mean cosine | min cosine | rel. error | "
+        "encode MB/s | decode MB/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    blosc = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+    for level, x in feats.items():
+        n, c, h, w = x.shape
+        fp16_bytes = 2 * c * h * w
+        mb = x.numel() * 4 / 1e6  # MB of float32 features
+        for name, compressor in variants:
+            codec = make_codec(name)
+            payload = codec.encode(x)
+            decoded = codec.decode(payload)
+            flat_x, flat_d = x.reshape(n, -1), decoded.reshape(n, -1)
+            cos = F.cosine_similarity(flat_x, flat_d, dim=1)
+            rel = ((flat_d - flat_x).norm(dim=1) / flat_x.norm(dim=1)).mean()
+            nbytes = 0
+            for part in payload.values():
+                arr = part.numpy()
+                for row in arr:  # chunk = one row, compressed per row as in the bank
+                    nbytes += (
+                        len(blosc.encode(np.ascontiguousarray(row))) if compressor != "none" else row.nbytes
+                    )
+            enc_s = timed(lambda codec=codec, x=x: codec.encode(x))
+            dec_s = timed(lambda codec=codec, payload=payload: codec.decode(payload))
+            label = name if compressor == "none" else f"{name}+{compressor}"
+            lines.append(
+                f"| {level} | {c}x{h}x{w} | {label} | {nbytes / n / fp16_bytes:.3f} | {cos.mean():.5f} | "
+                f"{cos.min():.5f} | {rel:.4f} | {mb / enc_s:.0f} | {mb / dec_s:.0f} |"
+            )
+    return lines
+
+
+def synth_adm_rows(feats: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """ADM-256-shaped levels synthesised from the real features: real maps resized to each ADM size, channels
+    tiled to the ADM count with a per-channel gain (10^U(-1,1)) so channel scales differ as in ADM."""
+    g = torch.Generator().manual_seed(0)
+    source = feats[sorted(feats, key=lambda k: -feats[k].shape[-1])[0]]  # the finest real level
+    out = {}
+    for name, _stride, c, size in ADM256_LEVELS:
+        idx = torch.arange(rows) % source.shape[0]
+        base = F.interpolate(source[idx], size=(size, size), mode="bilinear", align_corners=False)
+        tiled = base[:, torch.arange(c) % base.shape[1]]
+        out[name] = tiled * (10 ** (torch.rand(c, generator=g) * 2 - 1))[None, :, None, None]
+    return out
+
+
+def reader_table(
+    feats: dict[str, torch.Tensor], workdir: Path, rows: int, shard_rows: int
+) -> tuple[list[str], str]:
+    spec_levels = [dict(name=n, stride=s, channels=c, height=h, width=h) for n, s, c, h in ADM256_LEVELS]
+    cfg = BankConfig(shard_rows=shard_rows, codec="int8")
+    spec = spec_from_config(
+        spec_levels,
+        cfg,
+        num_images=rows // 2,
+        draws=1,
+        flips=2,
+        image_size=256,
+        attributes={"benchmark": "ADM-256 shapes synthesised from real teacher features"},
+    )
+    path = workdir / "adm256.zarr"
+    writer = BankWriter.create(path, spec, cfg)
+    adm = synth_adm_rows(feats, rows)
+    images = np.random.default_rng(0).integers(0, 256, (rows, 3, 256, 256), dtype=np.uint8)
+    for shard in range(spec.num_shards):
+        span = spec.shard_range(shard)
+        r = np.arange(span.start, span.stop)
+        writer.write_shard(
+            shard,
+            ShardRows(
+                images_u8=images[span.start : span.stop],
+                features={k: v[span.start : span.stop] for k, v in adm.items()},
+                keys=[f"img{i}" for i in r // 2],
+                source_index=r // 2,
+                draw=np.zeros(len(r), np.int64),
+                flip=r % 2,
+                seed=r,
+                ok=np.ones(len(r), bool),
+            ),
+        )
+    bank = Bank.open(path)
+    view_mb = sum(d.row_nbytes for d in array_defs(spec) if d.sharded) / 1e6
+    results = {}
+    # 1. the project's reader: sampler batches (block-shuffled), all levels + pixels, encoded payload
+    sampler = EpochSampler(bank, 16, seed=0, flip="random")
+
+    def project():
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            for batch in sampler:
+                bank.read_rows(batch)
+
+    results["project reader (Bank.read_rows, sampler batches of 16)"] = (
+        2 * len(sampler) * 16 / timed(project, 2)
+    )
+    # 2. zarr-python, one call per row per array
+    group = zarr.open_group(path, mode="r")
+    arrays = [group[d.path] for d in array_defs(spec) if d.sharded]
+    sample_rows = np.random.default_rng(0).permutation(spec.num_rows)[:32]
+    results["zarr-python per-row reads (a[i], every array)"] = len(sample_rows) / timed(
+        lambda: [a[int(i)] for i in sample_rows for a in arrays], 2
+    )
+    # 3. WebDataset stream of the export (decoded .npy, one process)
+    tars = export_wds(path, workdir / "wds", rows_per_tar=64, progress=False)
+    urls = [str(t) for t in tars]
+    results["WebDataset stream (.npy entries decoded)"] = spec.num_rows / timed(
+        lambda: sum(1 for _ in iter_rows(urls)), 2
+    )
+    # 4. ceiling: the same shard files read whole into a reused buffer, from the page cache
+    files = [d.shard_file(path, s) for d in array_defs(spec) if d.sharded for s in range(spec.num_shards)]
+    buffer = bytearray(max(f.stat().st_size for f in files))
+
+    def ceiling():
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                fh.readinto(buffer)
+
+    results["ceiling: raw read of the shard files (page cache)"] = spec.num_rows / timed(ceiling, 3)
+    lines = ["| reader | views/s per core | GB/s | vs ceiling |", "|---|---|---|---|"]
+    top = results["ceiling: raw read of the shard files (page cache)"]
+    for name, vps in results.items():
+        lines.append(f"| {name} | {vps:,.0f} | {vps * view_mb / 1e3:.2f} | {vps / top:.0%} |")
+    zarr_ratio = (
+        results["project reader (Bank.read_rows, sampler batches of 16)"]
+        / results["zarr-python per-row reads (a[i], every array)"]
+    )
+    note = (
+        f"One view = {view_mb:.2f} MB (int8 ADM-256 levels + 256x256 uint8 pixels); {spec.num_rows} views, "
+        f"{spec.shard_rows}-row shards. Project reader = {zarr_ratio:.1f}x zarr-python per-row reads."
+    )
+    return lines, note
+
+
+def write_doc(text: str) -> None:
+    doc = ROOT / "docs" / "benchmarks.md"
+    content = doc.read_text()
+    block = f"{BENCH_BEGIN}\n{text}\n{BENCH_END}"
+    if BENCH_BEGIN in content:
+        head, rest = content.split(BENCH_BEGIN, 1)
+        content = head + block + rest.split(BENCH_END, 1)[1]
+    else:
+        content = content.replace("<!-- bank: filled by benchmarks/bench_bank.py results -->", block)
+    doc.write_text(content)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--teacher", default="", help="diffusers teacher folder (default: assets/demo-teacher)"
+    )
+    parser.add_argument("--t", type=int, default=50)
+    parser.add_argument("--crops", type=int, default=4, help="crops per sample photo")
+    parser.add_argument("--rows", type=int, default=96, help="rows of the ADM-256-shaped reader bank")
+    parser.add_argument("--shard-rows", type=int, default=16)
+    parser.add_argument("--no-doc", action="store_true", help="print only; do not update docs/benchmarks.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    teacher, teacher_label = load_teacher(args.teacher)
+    images = real_images(teacher.resolution, args.crops)
+    feats = encode_features(teacher, images, args.t, draws=2)
+    machine = f"{platform.machine()} {os.cpu_count()}-core CPU, no GPU, shared with other jobs; 1 thread"
+    views = next(iter(feats.values())).shape[0]
+    workdir = Path(tempfile.mkdtemp(prefix="bench-bank-"))
+    try:
+        codec_lines = codec_table(feats)
+        reader_lines, reader_note = reader_table(feats, workdir, args.rows, args.shard_rows)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = "\n".join(
+        [
+            f"Machine: {machine}. Teacher: {teacher_label}, T={args.t}, {len(images)} crops of matplotlib's sample "
+            f"photos x 2 draws x 2 flips = {views} views at {teacher.resolution}px.",
+            "",
+            "**Codecs per level** (bytes incl. int8 scale/offset; MB/s of float32 features, one thread):",
+            "",
+            *codec_lines,
+            "",
+            "**Readers** (ADM-256 level shapes synthesised from the real features above):",
+            "",
+            *reader_lines,
+            "",
+            reader_note,
+        ]
+    )
+    print(text)
+    if not args.no_doc:
+        write_doc(text)
+
+
+if __name__ == "__main__":
+    main()
