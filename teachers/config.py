@@ -57,7 +57,7 @@ class TeacherTrainConfig:
     """Run folder: checkpoint, metrics.jsonl, samples.png, resolved config and ``pipeline/`` (save_pretrained)."""
     resolution: int = 64
     """Training image size (shorter side resized, then centre crop)."""
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64, 128, 128])
+    block_out_channels: list[int] = field(default_factory=lambda: [8, 16, 32, 32, 64, 128])
     """Channels per resolution level (one level per entry; each level after the first halves the size)."""
     layers_per_block: int = 1
     attention_levels: list[int] = field(default_factory=lambda: [4, 5])
@@ -66,18 +66,18 @@ class TeacherTrainConfig:
     norm_num_groups: int = 8
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "linear"
-    steps: int = 2000
+    steps: int = 1200
     """Optimiser steps."""
     batch_size: int = 16
     lr: float = 1e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     """Linear warm-up, then cosine decay to zero at ``steps``."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.995
+    ema_decay: float = 0.99
     """EMA of the weights; the EMA weights are what ``pipeline/`` ships."""
     seed: int = 0
-    checkpoint_every: int = 250
+    checkpoint_every: int = 100
     """Steps between atomic checkpoints (``checkpoint.pt``; resumed with ``--resume``)."""
     log_every: int = 25
     """Steps between metrics.jsonl lines (mean loss since the last line)."""
