@@ -158,3 +158,29 @@ def test_encoder_validates_its_settings(teacher: DiffusersTeacher) -> None:
         encoder(torch.zeros(1, 3, 32, 32), None)
     with pytest.raises(ValueError, match="the encoder expects 32"):
         encoder(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_channels_last_encoder_matches_cpu_float32() -> None:
+    teacher = DiffusersTeacher.debug(32).eval().requires_grad_(False)
+    x0 = torch.rand(2, 3, 32, 32) * 2 - 1
+    eps = make_noise([5, 6], [False, True], (3, 32, 32))
+    cpu = _encoder(teacher, "noise")(x0, eps)
+    teacher_cuda = DiffusersTeacher.debug(32).eval().requires_grad_(False).cuda()
+    teacher_cuda.to(memory_format=torch.channels_last)
+    encoder = TeacherEncoder(
+        teacher_cuda,
+        teacher_cuda.default_taps(),
+        mode="noise",
+        t=50,
+        ddim_steps=3,
+        resolution=32,
+        device="cuda",
+        dtype_name="bf16",
+        channels_last=True,
+    )
+    gpu = encoder(x0, eps)
+    for name, value in cpu.items():
+        assert gpu[name].device.type == "cuda" and gpu[name].dtype == torch.float32
+        rel = (gpu[name].cpu() - value).norm() / value.norm()
+        assert rel < 5e-2, (name, float(rel))

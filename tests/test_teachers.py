@@ -127,3 +127,23 @@ def test_bad_taps_are_clear_errors() -> None:
         discover_taps(teacher, [TapConfig(module="up_blocks.9", stride=8)], 32)
     with pytest.raises(ValueError, match="stride 12 does not divide the image size 32"):
         discover_taps(teacher, [TapConfig(module="up_blocks.1", stride=12)], 32)
+
+
+def test_shipped_pipeline_yaml_teachers_are_valid() -> None:
+    """Every teacher in pipeline.yaml names a valid kind and, for ADM, a preset whose flags build a network."""
+    from dreamteacher.schema import load_pipeline
+    from teachers.adm import ADMFlags, adm_from_flags
+    from teachers.adm_presets import preset_flags
+    from teachers.registry import TEACHER_KINDS
+
+    cfg = load_pipeline(Path(__file__).parents[1] / "pipeline.yaml")
+    assert cfg.teachers
+    for name, teacher_cfg in cfg.teachers.items():
+        assert teacher_cfg.kind in TEACHER_KINDS, name
+        if teacher_cfg.kind == "adm":
+            assert teacher_cfg.checkpoint, name
+            flags = ADMFlags.from_mapping(preset_flags(teacher_cfg.preset, teacher_cfg.flags))
+            assert (teacher_cfg.class_label is not None) == flags.class_cond, name
+            adm_from_flags(flags, device="meta")
+        else:
+            assert teacher_cfg.path, name
