@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tarfile
 import warnings
 from collections.abc import Sequence
@@ -46,6 +47,9 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     Image.DecompressionBombError,
 )
+
+
+_BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,8 @@ def load_image(record: ImageRecord, resolution: int) -> tuple[np.ndarray | None,
         data = read_bytes(record)
         image = decode_rgb(data)
     except (*DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+        # PIL names the in-memory buffer's address in some messages; drop it so that reasons are reproducible
+        return None, _BUFFER_REPR.sub("", f"{type(exc).__name__}: {exc}")
     return center_crop_resize(image, resolution), ""
 
 

@@ -31,7 +31,20 @@ class EncodeConfig:
     resolution: int = 0
     """Input size; 0 = the teacher's native resolution."""
     batch_size: int = 32
+    """Rows (views) per teacher forward, rounded down to whole images (each image gives draws x flip views)."""
     num_workers: int = 4
-    """DataLoader workers decoding images."""
+    """DataLoader workers decoding images (per shard task)."""
+    prefetch_factor: int = 2
+    """Batches each DataLoader worker decodes ahead of the teacher."""
     device: str = "auto"
-    """auto (cuda if available), cpu, cuda, cuda:N."""
+    """auto (cuda if available), cpu, cuda, cuda:N. Under dask each worker sees its own GPU as cuda:0."""
+    workers: int = 0
+    """Workers of the built-in local dask cluster; 0 = one per visible GPU (one on a CPU-only machine)."""
+    tasks_per_worker: int = 2
+    """Shard tasks in flight per worker: one runs the teacher while the other decodes its images and writes its
+    shard, so the accelerator does not wait on I/O. Under an external cluster a task asks for GPU=1/this."""
+    retries: int = 2
+    """dask retries of a failed shard task (safe: a shard is rewritten whole and marked done last)."""
+    cpu_threads: int = 0
+    """torch threads of a worker running on CPU; 0 = torch's default. Fix it to get the same bytes from
+    processes with different default thread counts."""

@@ -1,0 +1,31 @@
+"""``dreamteacher encode``: a thin command over :func:`encode.pipeline.run_encode`."""
+
+from __future__ import annotations
+
+import click
+
+from dreamteacher.config import ConfigError
+from dreamteacher.options import config_options
+from dreamteacher.schema import PipelineConfig
+
+
+@click.command("encode", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--overwrite", is_flag=True, help="Replace an existing bank made with different settings.")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:PORT", help="Use an existing dask cluster.")
+@click.option("--no-dask", "no_dask", is_flag=True, help="Run the shard tasks in this process (debugging).")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@config_options
+def encode(cfg: PipelineConfig, overwrite: bool, scheduler: str | None, no_dask: bool, quiet: bool) -> None:
+    """Encode images with the diffusion teacher into a feature bank (resumable: re-run to finish).
+
+    Example: `dreamteacher encode encode.data=imagenet encode.t=150 bank.codec=int8`.
+    """
+    from bank import BankError
+    from encode.pipeline import run_encode
+
+    if no_dask and scheduler:
+        raise click.UsageError("--no-dask and --scheduler exclude each other")
+    try:
+        run_encode(cfg, overwrite=overwrite, scheduler=scheduler, use_dask=not no_dask, progress=not quiet)
+    except (ConfigError, BankError) as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,271 @@
+"""The per-shard encode task: images of one bank shard -> teacher features -> one whole ``write_shard``.
+
+The same function runs inside a dask worker process and in-process (``--no-dask``). Each process loads the
+teacher once (:func:`get_encoder` caches it) and may run several shard tasks at once on threads: a process-wide
+compute lock lets one task use the teacher while another decodes its images and quantises / writes its finished
+shard, so the accelerator does not wait for I/O. A task is idempotent: a shard already marked done is skipped,
+and a shard is always rewritten whole, so dask retries and re-runs after ``kill -9`` are safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from bank import BankSpec, BankWriter, ShardRows
+from bank.config import BankConfig
+from dreamteacher.config import to_dict
+from dreamteacher.images import ImageRecord, make_image_loader, to_model_range
+from teachers import build_teacher, resolve_taps
+from teachers.config import TeacherConfig
+from teachers.encoding import TeacherEncoder, make_noise, row_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """Everything a worker needs to rebuild the encoder and preprocess images (picklable, small)."""
+
+    teacher: TeacherConfig
+    """Its ``taps`` (empty = the family's defaults) are resolved against the loaded teacher."""
+    mode: str
+    t: int
+    ddim_steps: int
+    resolution: int
+    """0 = the teacher's native resolution."""
+    draws: int
+    flips: int
+    """1: image only; 2: image and mirror."""
+    seed: int
+    batch_size: int
+    """Rows per teacher forward (rounded down to whole images)."""
+    num_workers: int
+    prefetch_factor: int
+    device: str
+    cpu_threads: int
+
+    @property
+    def views_per_image(self) -> int:
+        return self.draws * self.flips
+
+    def encoder_key(self) -> str:
+        """Identifies one loaded encoder: the fields that change the teacher or its read-out."""
+        fields = ("teacher", "mode", "t", "ddim_steps", "resolution", "device", "cpu_threads")
+        return json.dumps({name: to_dict(getattr(self, name)) for name in fields}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: encode and write bank shard ``shard``."""
+
+    shard: int
+    records: list[ImageRecord]
+    """The shard's images, in bank order."""
+    first_image: int
+    """Bank image index of ``records[0]``."""
+    bank_path: str
+    spec: BankSpec
+    bank_cfg: BankConfig
+    settings: EncodeSettings
+
+
+@dataclass
+class ShardStats:
+    """What a task reports back to the driver."""
+
+    shard: int
+    images: int = 0
+    rows: int = 0
+    rejects: dict[str, str] = field(default_factory=dict)
+    skipped: bool = False
+    """The shard was already done (a retry or a concurrent duplicate)."""
+    seconds: float = 0.0
+    teacher_seconds: float = 0.0
+    """Time inside the teacher (holding the compute lock)."""
+    write: dict[str, Any] = field(default_factory=dict)
+    """``BankWriter.write_shard``'s stats (bytes, ...)."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-process caches
+# ------------------------------------------------------------------------------------------------------------
+_CACHE_LOCK = threading.Lock()
+_ENCODERS: dict[str, tuple[TeacherEncoder, threading.Lock]] = {}
+_WRITERS: dict[tuple[str, str], BankWriter] = {}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"encode.device={name!r} but this process sees no CUDA device; use encode.device=cpu"
+        )
+    return device
+
+
+def build_encoder(settings: EncodeSettings, device: torch.device) -> TeacherEncoder:
+    """Load the frozen teacher on ``device``, resolve its taps and dry-run them (validates taps and strides)."""
+    if device.type == "cpu" and settings.cpu_threads > 0:
+        torch.set_num_threads(settings.cpu_threads)
+    teacher = build_teacher(settings.teacher, device)
+    return TeacherEncoder(
+        teacher,
+        resolve_taps(teacher, settings.teacher),
+        mode=settings.mode,
+        t=settings.t,
+        ddim_steps=settings.ddim_steps,
+        resolution=settings.resolution or teacher.resolution,
+        device=device,
+        dtype_name=settings.teacher.dtype,
+        channels_last=settings.teacher.channels_last,
+    )
+
+
+def get_encoder(settings: EncodeSettings) -> tuple[TeacherEncoder, threading.Lock]:
+    """The process's encoder for these settings (built on first use) and the lock that serialises its use."""
+    key = settings.encoder_key()
+    with _CACHE_LOCK:
+        if key not in _ENCODERS:
+            encoder = build_encoder(settings, resolve_device(settings.device))
+            _ENCODERS.clear()  # one teacher per process: free the previous one before holding another
+            _ENCODERS[key] = (encoder, threading.Lock())
+        return _ENCODERS[key]
+
+
+def get_writer(path: str, spec: BankSpec, bank_cfg: BankConfig) -> BankWriter:
+    """The process's writer for this bank (opened for resume: the driver already created it)."""
+    key = (path, spec.fingerprint())
+    with _CACHE_LOCK:
+        if key not in _WRITERS:
+            _WRITERS[key] = BankWriter.create(path, spec, bank_cfg, overwrite=False)
+        return _WRITERS[key]
+
+
+def clear_caches() -> None:
+    """Drop cached encoders and writers (tests; a process switching banks)."""
+    with _CACHE_LOCK:
+        _ENCODERS.clear()
+        _WRITERS.clear()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The task
+# ------------------------------------------------------------------------------------------------------------
+def _loader_workers(requested: int) -> int:
+    if requested > 0 and multiprocessing.current_process().daemon:
+        log.warning(
+            "this process is daemonic (a dask worker started with distributed.worker.daemon=True) and cannot start "
+            "DataLoader workers; decoding in-process. Start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False."
+        )
+        return 0
+    return requested
+
+
+def encode_shard(task: ShardTask) -> ShardStats:
+    """Encode every row of ``task.shard`` and write the shard whole (marked done last by the writer)."""
+    start = time.perf_counter()
+    settings, spec = task.settings, task.spec
+    stats = ShardStats(shard=task.shard, images=len(task.records))
+
+    # 1. Per-process teacher and writer; a done shard is not redone (retries, duplicates, resumed runs).
+    writer = get_writer(task.bank_path, spec, task.bank_cfg)
+    if writer.is_done(task.shard):
+        stats.skipped = True
+        return stats
+    encoder, compute_lock = get_encoder(settings)
+    device, res = encoder.device, encoder.resolution
+
+    # 2. Shard buffers: every row starts as zeros / ok=False, so a rejected image leaves zero rows behind.
+    rows = spec.shard_range(task.shard)
+    n_rows, views = len(rows), settings.views_per_image
+    if n_rows != len(task.records) * views:
+        raise ValueError(f"shard {task.shard}: {len(task.records)} images x {views} views != {n_rows} rows")
+    images_u8 = np.zeros((n_rows, 3, res, res), np.uint8)
+    features = {
+        tap.name: torch.zeros(n_rows, tap.channels, tap.height, tap.width, device=device)
+        for tap in encoder.taps_info
+    }
+    local_image = np.repeat(np.arange(len(task.records)), views)
+    draw = np.tile(np.repeat(np.arange(settings.draws), settings.flips), len(task.records))
+    flip = np.tile(np.arange(settings.flips), len(task.records) * settings.draws)
+    keys = [task.records[i].key for i in local_image]
+    seed = np.array(
+        [row_seed(settings.seed, k, int(d)) for k, d in zip(keys, draw, strict=True)], dtype=np.int64
+    )
+    ok = np.zeros(n_rows, bool)
+
+    # 3. Decode in DataLoader workers (prefetching) while this thread feeds the teacher.
+    images_per_batch = max(1, settings.batch_size // views)
+    loader = make_image_loader(
+        task.records,
+        res,
+        images_per_batch,
+        num_workers=min(_loader_workers(settings.num_workers), len(task.records)),
+        prefetch_factor=settings.prefetch_factor,
+        pin_memory=device.type == "cuda",
+    )
+    for batch in loader:
+        # 3a. Rejected images: recorded, rows stay zero.
+        for key, good, reason in zip(batch["key"], batch["ok"].tolist(), batch["reason"], strict=True):
+            if not good:
+                stats.rejects[key] = reason
+        good_idx = batch["index"][batch["ok"]]  # shard-local image indices
+        if len(good_idx) == 0:
+            continue
+        # 3b. Views of each good image in bank row order: (image, draw, flip), flip fastest.
+        row_idx_V = (good_idx[:, None] * views + torch.arange(views)[None, :]).reshape(-1)
+        src_u8_BCHW = batch["image_u8"][batch["ok"]]
+        views_u8_VCHW = src_u8_BCHW.repeat_interleave(views, dim=0)
+        flip_V = torch.from_numpy(flip[row_idx_V.numpy()]).bool()
+        views_u8_VCHW[flip_V] = views_u8_VCHW[flip_V].flip(-1)
+        images_u8[row_idx_V.numpy()] = views_u8_VCHW.numpy()
+        # 3c. Noise from per-row seeds on CPU (device-independent), mirrored for flipped rows.
+        eps_VCHW = None
+        if settings.mode == "noise":
+            eps_VCHW = make_noise(seed[row_idx_V.numpy()].tolist(), flip_V.tolist(), (3, res, res))
+        # 3d. One teacher read-out, serialised with the other task threads of this process.
+        x0_VCHW = to_model_range(views_u8_VCHW.to(device, non_blocking=True))
+        with compute_lock:
+            t0 = time.perf_counter()
+            feats = encoder(x0_VCHW, None if eps_VCHW is None else eps_VCHW.to(device, non_blocking=True))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            stats.teacher_seconds += time.perf_counter() - t0
+        # 3e. Scatter into the shard buffers.
+        rows_dev = row_idx_V.to(device)
+        for name, feats_VChw in feats.items():
+            features[name].index_copy_(0, rows_dev, feats_VChw.float())
+        ok[row_idx_V.numpy()] = True
+
+    # 4. Hand the whole shard to the bank (codecs, write, done marker last), outside the compute lock.
+    shard_rows = ShardRows(
+        images_u8=images_u8,
+        features=features,
+        keys=keys,
+        source_index=(local_image + task.first_image).astype(np.int64),
+        draw=draw.astype(np.int64),
+        flip=flip.astype(np.int64),
+        seed=seed,
+        ok=ok,
+        rejects=dict(stats.rejects),
+    )
+    # write_empty_chunks is a runtime setting in zarr 3 (not stored with the array): without it an all-zero part
+    # of a shard (e.g. source_index 0 of shard 0, or a shard of rejects) is never written and has no file.
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        stats.write = dict(writer.write_shard(task.shard, shard_rows))
+    stats.rows = n_rows
+    stats.seconds = time.perf_counter() - start
+    return stats
