@@ -146,7 +146,9 @@ def to_coco_results(
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
         binary = (output["masks"].detach().float().cpu()[:, 0] > mask_threshold).numpy().astype(np.uint8)
         rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0))) if len(binary) else []
-        for box, label, score, rle in zip(xywh, output["labels"].tolist(), output["scores"].tolist(), rles, strict=False):
+        for box, label, score, rle in zip(
+            xywh, output["labels"].tolist(), output["scores"].tolist(), rles, strict=False
+        ):
             results.append(
                 {
                     "image_id": int(image_id),

@@ -107,6 +107,10 @@ class DetectionConfig:
     filter_empty_train: bool = True
     """Drop training images without (non-crowd) instances, as detectron2 does; evaluation keeps every image."""
     detections_per_img: int = 100
+    box_head_dim: int = 1024
+    """Hidden size of the box head's two FC layers (torchvision / detectron2: 1024)."""
+    mask_head_channels: int = 256
+    """Channels of the mask head's four 3x3 convs (256 standard; small values for 64x64 demo runs)."""
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
             name="sgd", lr=0.02, weight_decay=1e-4, warmup_iters=1000, warmup_ratio=1e-3, schedule="step"

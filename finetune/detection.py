@@ -165,6 +165,7 @@ def run_detection(
             log_every=cfg.log_every,
             on_eval=lambda step: evaluate(step),
             eval_every=cfg.eval_every,
+            seed=cfg.seed,
             progress=progress,
         )
     # 3. Evaluate, report.

@@ -120,17 +120,23 @@ def train_loop(
     log_every: int,
     on_eval: Callable[[int], None] | None = None,
     eval_every: int = 0,
+    seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Run steps ``start..total-1``; returns the per-step total loss (this rank)."""
+    """Run steps ``start..total-1``; returns the per-step total loss (this rank).
+
+    Torch's RNG (dropout, RoI sampling) is re-seeded from ``(seed, step, rank)`` every step, so a resumed run
+    repeats an uninterrupted one exactly on the same hardware.
+    """
     history: list[float] = []
     model.train()
     bar = tqdm(
         range(start, total), desc="finetune", disable=not (progress and runtime.is_main), dynamic_ncols=True
     )
     for step, batch in zip(bar, batches, strict=False):
-        # 1. Learning rate for this step.
+        # 1. Learning rate and RNG state for this step.
         lr = set_lr(optimizer, step, total, optim_cfg)
+        torch.manual_seed(seed * 1_000_003 + step * 1_009 + runtime.rank)
         # 2. Forward + losses under autocast.
         with runtime.autocast():
             losses = compute_losses(model, batch)

@@ -189,6 +189,7 @@ def run_segmentation(
             log_every=cfg.log_every,
             on_eval=evaluate,
             eval_every=cfg.eval_every,
+            seed=cfg.seed,
             progress=progress,
         )
     # 3. Evaluate, report.

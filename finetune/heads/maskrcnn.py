@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from finetune.backbone import Backbone
@@ -39,9 +41,15 @@ def build_mask_rcnn(body: Backbone, num_classes: int, cfg: DetectionConfig) -> M
             f"finetune.detection.anchor_sizes needs {levels} sizes (one per FPN level), got {cfg.anchor_sizes}"
         )
     anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
+    # Heads as torchvision builds them by default, with the widths taken from the config.
+    box_pool = 7 * 7  # MultiScaleRoIAlign output size for boxes
+    mask_ch = cfg.mask_head_channels
     return MaskRCNN(
         backbone,
-        num_classes=num_classes + 1,
+        box_head=TwoMLPHead(cfg.fpn_channels * box_pool, cfg.box_head_dim),
+        box_predictor=FastRCNNPredictor(cfg.box_head_dim, num_classes + 1),
+        mask_head=MaskRCNNHeads(cfg.fpn_channels, [mask_ch] * 4, 1),
+        mask_predictor=MaskRCNNPredictor(mask_ch, mask_ch, num_classes + 1),
         min_size=tuple(cfg.train_min_sizes),
         max_size=cfg.max_size,
         rpn_anchor_generator=anchors,
