@@ -14,6 +14,7 @@ with its noise schedule as a :class:`teachers.base.Teacher`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Mapping
@@ -382,10 +383,11 @@ class ADMUNet(nn.Module):
         """Model output (B, 3 or 6, H, W) for images ``x`` at integer timesteps ``t`` (and class labels ``y``)."""
         if (y_B is not None) != (self.num_classes is not None):
             raise ValueError("class labels must be given if and only if the model is class-conditional")
-        # 1. timestep (+ class) embedding
-        emb = self.time_embed(timestep_embedding(t_B, self.model_channels))
-        if y_B is not None:
-            emb = emb + self.label_emb(y_B)
+        # 1. timestep (+ class) embedding, in float32 as the original's fp16 mode keeps it
+        with _float32_region(x_BCHW.device):
+            emb = self.time_embed(timestep_embedding(t_B, self.model_channels))
+            if y_B is not None:
+                emb = emb + self.label_emb(y_B)
         # 2. encoder, keeping every block's output for the skips
         skips = []
         h = x_BCHW
@@ -396,8 +398,9 @@ class ADMUNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        # 4. output head
-        return self.out(h.type(x_BCHW.dtype))
+        # 4. output head, in float32 (the original casts back before ``out``)
+        with _float32_region(x_BCHW.device):
+            return self.out(h.float())
 
     def upsampling_layer_index(self, block: int) -> int | None:
         """Index of the upsampling layer inside ``output_blocks[block]``, or None if the block does not upsample."""
@@ -407,6 +410,13 @@ class ADMUNet(nn.Module):
             isinstance(layer, ResBlock) and isinstance(layer.h_upd, Upsample)
         )
         return last if is_up else None
+
+
+def _float32_region(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Disable autocast (if active) so a region runs in float32, like the fp32 parts of the original fp16 model."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def adm_from_flags(flags: ADMFlags | Mapping[str, Any], device: torch.device | str = "cpu") -> ADMUNet:

@@ -175,6 +175,25 @@ def test_build_teacher_adm_from_config_is_frozen(tmp_path: Path) -> None:
         build_teacher(TeacherConfig(kind="adm", preset="adm-256-uncond"), "cpu")
 
 
+def test_bf16_autocast_keeps_embedding_and_head_in_float32_and_stays_close() -> None:
+    """Mixed precision as the original fp16 mode: body in low precision, time embedding and output head float32."""
+    teacher, expected = _load("adm-tiny")
+    dtypes: dict[str, torch.dtype] = {}
+
+    def record(name: str):  # noqa: ANN202 - torch hook
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            dtypes[name] = output.dtype
+
+        return hook
+
+    teacher.unet.time_embed.register_forward_hook(record("emb"))
+    teacher.unet.input_blocks[1].register_forward_hook(record("body"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = teacher.unet(expected["x"], expected["t"])
+    assert dtypes == {"emb": torch.float32, "body": torch.bfloat16} and out.dtype == torch.float32
+    assert _rel_err(out, expected["model_output"]) <= 2e-2
+
+
 @pytest.mark.gpu
 def test_fixture_under_fp16_and_bf16_autocast_stays_close() -> None:
     teacher, expected = _load("adm-tiny")
