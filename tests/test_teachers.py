@@ -55,11 +55,11 @@ def test_diffusers_default_taps_read_pre_upsample_points() -> None:
     ]
     # the upsampler's input is the output of the level's last resnet / attention
     seen: dict[str, torch.Tensor] = {}
-    handle = (
-        teacher.unet.up_blocks[0]
-        .attentions[-1]
-        .register_forward_hook(lambda m, a, o: seen.setdefault("a", o))
-    )
+
+    def record(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        seen["a"] = output
+
+    handle = teacher.unet.up_blocks[0].attentions[-1].register_forward_hook(record)
     with torch.no_grad(), FeatureTaps(teacher, teacher.default_taps()[:1]) as captured:
         teacher.predict_eps(torch.randn(1, 3, 32, 32), torch.tensor([10]))
     handle.remove()
