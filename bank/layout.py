@@ -25,6 +25,7 @@ from bank.spec import KEY_BYTES, BankError, BankSpec, feature_array_name
 
 _ABSENT = np.uint64(2**64 - 1)
 _INDEX_CRC_BYTES = 4
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,10 @@ def check_arrays(group: zarr.Group, spec: BankSpec) -> None:
 class ShardFile:
     """Rows of one shard file of one array, read through the shard index (no zarr-python call).
 
-    Each row's chunk is read with one ``os.preadv`` straight into the caller's output buffer: measured faster
-    than copying out of an ``np.memmap`` (page-fault bound) and it needs no intermediate copy.
+    Rows are read with ``os.preadv`` straight into their final slots of the caller's batch buffer (no
+    intermediate copy): measured faster than copying out of an ``np.memmap`` (page-fault bound). Requested rows
+    whose chunks lie back to back in the file are read by ONE ``preadv`` scattering into their (not necessarily
+    adjacent) output slots, so a contiguous row range costs one syscall per array and shard.
     """
 
     def __init__(self, path: Path, adef: ArrayDef, shard_rows: int, decoder: Any | None) -> None:
@@ -171,36 +174,66 @@ class ShardFile:
     def __del__(self) -> None:
         self.close()
 
-    def read_into(self, local_rows: np.ndarray, out: np.ndarray) -> None:
-        """Copy rows ``local_rows`` (positions inside the shard) into ``out`` (len(local_rows), *row_shape),
-        a C-contiguous buffer of the array's dtype."""
+    def read_into(
+        self, local_rows: np.ndarray, out_bytes: np.ndarray, slots: np.ndarray | None = None
+    ) -> None:
+        """Copy rows ``local_rows`` (positions inside the shard) into ``out_bytes[slots[j]]``.
+
+        ``out_bytes``: (n, row_nbytes) uint8 rows of a C-contiguous buffer; ``slots`` defaults to ``0..len-1``.
+        """
         row_nbytes = self.adef.row_nbytes
-        out_bytes = out.reshape(len(local_rows), -1).view(np.uint8)
-        for j, local in enumerate(local_rows):
-            offset, nbytes = self.index[local]
-            if offset == _ABSENT and nbytes == _ABSENT:
-                out_bytes[j] = 0  # chunk never written: fill value
-                continue
-            if self.decoder is None and nbytes == row_nbytes:
-                got = os.preadv(self._fd, [out_bytes[j]], int(offset))
-            else:
-                raw = os.pread(self._fd, int(nbytes), int(offset))
-                data = self.decoder.decode(raw) if self.decoder is not None else raw
-                got = len(data)
-                if got == row_nbytes:
-                    out_bytes[j] = np.frombuffer(data, dtype=np.uint8)
-            if got != row_nbytes:
-                raise BankError(
-                    f"{self.path}: row {local} holds {got} bytes, expected {row_nbytes}; the shard is corrupt "
-                    "(run `dreamteacher bank verify`)"
-                )
+        local_rows = np.asarray(local_rows, dtype=np.int64)
+        slots = np.arange(len(local_rows)) if slots is None else np.asarray(slots, dtype=np.int64)
+        entries = self.index[local_rows]  # (m, 2) offset, nbytes
+        offsets, sizes = entries[:, 0], entries[:, 1]
+        absent = (offsets == _ABSENT) & (sizes == _ABSENT)
+        plain = ~absent & (sizes == row_nbytes) if self.decoder is None else np.zeros_like(absent)
+        # 1. absent chunks (never written): the fill value
+        if absent.any():
+            for j in np.flatnonzero(absent):
+                out_bytes[slots[j]] = 0
+        # 2. stored raw chunks: runs of back-to-back chunks, one preadv per run (<= IOV_MAX buffers). Plain
+        #    Python over the few rows of a batch: numpy's per-call overhead dominated here in the profile.
+        raw = np.flatnonzero(plain)
+        if len(raw):
+            raw = raw[np.argsort(offsets[raw], kind="stable")]
+            offs, outs = offsets[raw].tolist(), slots[raw].tolist()
+            start = 0
+            for k in range(1, len(offs) + 1):
+                if k < len(offs) and offs[k] == offs[k - 1] + row_nbytes and k - start < _IOV_MAX:
+                    continue  # chunk k continues the run
+                got = os.preadv(self._fd, [out_bytes[s] for s in outs[start:k]], offs[start])
+                if got != (k - start) * row_nbytes:
+                    self._corrupt(int(local_rows[raw[start]]), got, (k - start) * row_nbytes)
+                start = k
+        # 3. compressed (or mis-sized) chunks: read, decode, copy
+        if len(raw) < len(local_rows):
+            for j in np.flatnonzero(~absent & ~plain):
+                data = os.pread(self._fd, int(sizes[j]), int(offsets[j]))
+                if self.decoder is not None:
+                    data = self.decoder.decode(data)
+                if len(data) != row_nbytes:
+                    self._corrupt(int(local_rows[j]), len(data), row_nbytes)
+                out_bytes[slots[j]] = np.frombuffer(data, dtype=np.uint8)
+
+    def _corrupt(self, local: int, got: int, expected: int) -> None:
+        raise BankError(
+            f"{self.path}: row {local} holds {got} bytes, expected {expected}; the shard is corrupt "
+            "(run `dreamteacher bank verify`)"
+        )
 
 
 class ShardFileCache:
-    """Per-process LRU of open :class:`ShardFile` s (re-created after fork: descriptors are per process)."""
+    """Per-process LRU of open :class:`ShardFile` s (re-created after fork: descriptors are per process).
 
-    def __init__(self, root: Path, spec: BankSpec, capacity: int = 64) -> None:
-        self.root, self.spec, self.capacity = root, spec, capacity
+    Holds ``shards_open`` shards of every sharded array: the sampler's block shuffle keeps a batch inside a
+    window of a few shards, and an LRU smaller than (window shards x arrays) would re-open and re-read the index
+    of every file on every batch (the profile showed 156 opens for 260 lookups at 64 slots).
+    """
+
+    def __init__(self, root: Path, spec: BankSpec, shards_open: int = 16) -> None:
+        self.root, self.spec = root, spec
+        self.capacity = shards_open * sum(1 for d in array_defs(spec) if d.sharded)
         compressor = get_compressor(spec.compressor)
         self._decoder_factory = compressor.chunk_decoder if compressor else None
         self._files: OrderedDict[tuple[str, int], ShardFile] = OrderedDict()
