@@ -23,7 +23,7 @@ from PIL import Image
 
 from bank import BankError
 from dreamteacher.config import ConfigError
-from dreamteacher.images import load_image, list_images, to_model_range
+from dreamteacher.images import list_images, load_image, to_model_range
 from dreamteacher.schema import PipelineConfig, load_pipeline
 from encode.pipeline import run_encode
 from encode.worker import clear_caches
