@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dreamteacher.config import from_mapping
 from teachers.adm_presets import preset_flags
 from teachers.base import TapInfo, Teacher, discover_taps
 from teachers.config import TapConfig
@@ -77,17 +78,9 @@ class ADMFlags:
 
     @classmethod
     def from_mapping(cls, flags: Mapping[str, Any]) -> ADMFlags:
-        """Validate a flag dict (e.g. a ``flags.json``); unknown names are an error listing the valid ones."""
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(flags) - valid)
-        if unknown:
-            raise ValueError(f"unknown ADM flag(s) {unknown}; valid flags: {', '.join(sorted(valid))}")
-        missing = sorted({"image_size", "num_channels", "num_res_blocks"} - set(flags))
-        if missing:
-            raise ValueError(f"ADM flags are missing {missing}: give a preset or set them in teacher.flags")
-        if flags.get("noise_schedule", "linear") not in ("linear", "cosine"):
-            raise ValueError(f"noise_schedule {flags['noise_schedule']!r}: valid choices are linear, cosine")
-        return cls(**dict(flags))
+        """Validate a flag dict (a preset merged with ``teacher.flags``, or a ``flags.json``): unknown names, wrong
+        types and missing required flags are one ConfigError naming each ``teacher.flags.<name>``."""
+        return from_mapping(cls, dict(flags), "teacher.flags")
 
     def channel_multipliers(self) -> tuple[float, ...]:
         if self.channel_mult == "":

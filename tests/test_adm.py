@@ -108,7 +108,9 @@ def test_checkpoint_that_does_not_match_flags_is_a_clear_error() -> None:
 
 
 def test_unknown_flag_and_unknown_preset_list_the_valid_names() -> None:
-    with pytest.raises(ValueError, match="valid flags:.*num_channels"):
+    with pytest.raises(
+        ValueError, match="unknown key 'teacher.flags.num_chanels'; valid keys here: .*num_channels"
+    ):
         ADMFlags.from_mapping({"image_size": 64, "num_channels": 32, "num_res_blocks": 1, "num_chanels": 3})
     with pytest.raises(ValueError, match="valid presets: adm-256-uncond"):
         preset_flags("adm-512")
