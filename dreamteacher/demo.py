@@ -1,0 +1,214 @@
+"""``make demo``: the whole method on built-in data, and whether it helped.
+
+Steps (each stage is called in-process through its public function, with a modified copy of the pipeline config):
+
+1. data      generate the demo scenes (unlabeled pool, few-label split, COCO split) on first use;
+2. encode    the shipped demo teacher encodes the unlabeled images into a feature bank;
+3. distill   a small student (+ FPN/PPM regressor) learns to reproduce the teacher's features from the bank;
+4. finetune  few-label semantic segmentation and COCO-style instance segmentation, each from the distilled
+             backbone AND from random init with the same budget, over ``demo.seeds``;
+5. report    results table (mean +- std over seeds), ``<out>/report.md`` with PNGs, ``<out>/results.json``.
+
+Re-running reuses what is finished (the bank, the distilled student, finished fine-tuning runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from dreamteacher.config import apply_overrides, from_mapping, save_resolved, to_dict
+from dreamteacher.datasets import ensure_available
+from dreamteacher.options import config_options
+from dreamteacher.schema import DemoSizeConfig, PipelineConfig
+
+DEMO_DATASETS = ("demo", "demo-fewshot", "demo-coco")
+INITS = ("distilled", "random")
+# task -> (dataset, headline metrics of the results table: (metric key, label))
+TASKS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "fewshot": ("demo-fewshot", (("mIoU", "few-label seg mIoU"),)),
+    "coco": ("demo-coco", (("segm_AP", "instance seg mask AP"), ("bbox_AP", "instance seg box AP"))),
+}
+
+
+def derive(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """A copy of ``cfg`` with ``KEY.PATH=VALUE`` overrides applied and validated (unknown keys are errors)."""
+    return from_mapping(PipelineConfig, apply_overrides(to_dict(cfg), overrides))
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPlan:
+    """Every stage's config, built and validated before any work starts."""
+
+    out: Path
+    encode: PipelineConfig
+    distill: PipelineConfig
+    finetune: dict[tuple[str, str, int], PipelineConfig]
+    """(task, init, seed) -> config."""
+    backbone: Path
+    """The distilled backbone the ``distilled`` runs start from."""
+
+
+def plan_demo(cfg: PipelineConfig, size: str) -> DemoPlan:
+    if size not in cfg.demo.sizes:
+        raise ValueError(f"demo.size={size!r}; choices: {', '.join(cfg.demo.sizes)}")
+    recipe: DemoSizeConfig = cfg.demo.sizes[size]
+    out = Path(cfg.demo.out)
+    bank = out / f"bank-{size}.zarr"
+    enc = derive(
+        cfg, [*recipe.encode, "encode.data=demo", f"encode.teacher={cfg.demo.teacher}", f"encode.bank={bank}"]
+    )
+    dist = derive(enc, [*recipe.distill, f"distill.bank={bank}", f"distill.out={out / 'distill'}",
+                        f"distill.exp=student-{size}"])  # fmt: skip
+    backbone = out / "distill" / f"student-{size}" / "backbone.safetensors"
+    seeds = cfg.demo.seeds[: recipe.num_seeds] if recipe.num_seeds else cfg.demo.seeds
+    if not seeds:
+        raise ValueError("demo.seeds is empty; the demo needs at least one fine-tuning seed")
+    finetune = {}
+    for task, (data, _) in TASKS.items():
+        task_overrides = recipe.fewshot if task == "fewshot" else recipe.coco
+        for init in INITS:
+            for seed in seeds:
+                finetune[(task, init, seed)] = derive(enc, [
+                    *task_overrides, f"finetune.task={task}", f"finetune.data={data}",
+                    f"finetune.ckpt={backbone if init == 'distilled' else ''}", f"finetune.seed={seed}",
+                    f"finetune.out={out / 'finetune'}", f"finetune.exp={size}-{task}-{init}-seed{seed}",
+                ])  # fmt: skip
+    students = {c.finetune.backbone for c in finetune.values()}
+    if students != {dist.distill.student.name}:
+        raise ValueError(
+            f"the demo fine-tunes backbones {sorted(students)} but distills {dist.distill.student.name!r}; "
+            f"set finetune.backbone and distill.student.name to the same timm model in demo.sizes.{size}"
+        )
+    return DemoPlan(out=out, encode=enc, distill=dist, finetune=finetune, backbone=backbone)
+
+
+def _finished(folder: Path) -> dict[str, Any] | None:
+    results = folder / "results.json"
+    return json.loads(results.read_text())["metrics"] if results.is_file() else None
+
+
+def summarise(runs: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Results table rows: per task metric and init, mean and std over seeds (std = 0 for one seed)."""
+    rows = []
+    for task, (_, metrics) in TASKS.items():
+        for key, label in metrics:
+            row: dict[str, Any] = {"task": task, "metric": key, "label": label}
+            for init in INITS:
+                values = [float(m[key]) for (t, i, _), m in sorted(runs.items()) if t == task and i == init]
+                row[init] = {
+                    "values": values,
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                }
+            row["delta"] = row["distilled"]["mean"] - row["random"]["mean"]
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], seeds: int) -> str:
+    head = f"{'metric':<26} {'distilled':>16} {'random init':>16} {'delta':>8}"
+    lines = [f"Results over {seeds} seed(s) (mean +- std):", head, "-" * len(head)]
+    for r in rows:
+        d, n = r["distilled"], r["random"]
+        lines.append(
+            f"{r['label']:<26} {d['mean']:>8.2f} +- {d['std']:<5.2f} {n['mean']:>8.2f} +- {n['std']:<5.2f} "
+            f"{r['delta']:>+8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) -> dict[str, Any]:
+    """Run the demo end to end; returns the results (also written to ``<demo.out>/results.json``)."""
+    from distill.train import run_distill
+    from dreamteacher.report import write_report
+    from encode.pipeline import run_encode
+    from finetune.run import run_finetune
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    # 0. Every stage's config, validated up front; the resolved config goes into the run folder.
+    plan = plan_demo(cfg, size)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, plan.out)
+    teacher_path = Path(cfg.teacher(cfg.demo.teacher).path)
+    if not (teacher_path / "unet").is_dir():
+        raise FileNotFoundError(
+            f"demo teacher {teacher_path} has no unet/ folder; it ships with the repository (assets/demo-teacher) "
+            f"or can be retrained with `make teacher DATA=demo` and teachers.{cfg.demo.teacher}.path set to "
+            f"<teacher_train.out>/pipeline"
+        )
+
+    # 1. Data (generated on first use).
+    tick = time.perf_counter()
+    for name in tqdm(DEMO_DATASETS, desc="demo 1/4: data", disable=not progress):
+        ensure_available(name, plan.encode.dataset(name))
+    timings["data"] = time.perf_counter() - tick
+
+    # 2. Encode the unlabeled images with the teacher into the bank (resumes / no-op when done).
+    tick = time.perf_counter()
+    click.echo("demo 2/4: encode (teacher -> feature bank)")
+    encode_summary = run_encode(plan.encode, use_dask=cfg.demo.use_dask, progress=progress)
+    timings["encode"] = time.perf_counter() - tick
+
+    # 3. Distill the student from the bank (reused when its backbone was already exported).
+    tick = time.perf_counter()
+    click.echo("demo 3/4: distill (bank -> student)")
+    exp_dir = plan.backbone.parent
+    if not plan.backbone.is_file():
+        resume = (exp_dir / "checkpoint.pt").is_file()
+        exp_dir = run_distill(plan.distill, resume=resume, progress=progress)
+    timings["distill"] = time.perf_counter() - tick
+
+    # 4. Fine-tune both inits over the seeds (finished runs are reused).
+    tick = time.perf_counter()
+    runs: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for key, ft_cfg in tqdm(plan.finetune.items(), desc="demo 4/4: fine-tune", disable=not progress):
+        folder = Path(ft_cfg.finetune.out) / ft_cfg.finetune.exp
+        metrics = _finished(folder)
+        if metrics is None:
+            resume = (folder / "checkpoint.pt").is_file()
+            metrics = run_finetune(ft_cfg, resume=resume, progress=progress)
+        runs[key] = metrics
+    timings["finetune"] = time.perf_counter() - tick
+
+    # 5. Table, results file, report.
+    rows = summarise(runs)
+    seeds = len({seed for _, _, seed in runs})
+    table = format_table(rows, seeds)
+    for row in rows:
+        for init in INITS:
+            if not all(math.isfinite(v) for v in row[init]["values"]):
+                raise FloatingPointError(
+                    f"demo: non-finite {row['metric']} for {init} init: {row[init]['values']}"
+                )
+    timings["total"] = time.perf_counter() - started
+    results = {
+        "size": size,
+        "seeds": seeds,
+        "table": rows,
+        "runs": [{"task": t, "init": i, "seed": s, "metrics": m} for (t, i, s), m in sorted(runs.items())],
+        "encode": {k: v for k, v in encode_summary.as_dict().items() if k != "rejects"},
+        "timings_s": timings,
+    }
+    (plan.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    report = write_report(plan, exp_dir, results, table)
+    click.echo("\n" + table)
+    click.echo(f"\nreport: {report}  ({timings['total']:.0f} s)")
+    return results
+
+
+@click.command("demo")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@config_options
+def demo_command(cfg: PipelineConfig, no_progress: bool) -> None:
+    """The whole pipeline on built-in data: data -> encode -> distill -> fine-tune (distilled vs random init)."""
+    run_demo(cfg, cfg.demo.size, progress=not no_progress)

@@ -1,0 +1,99 @@
+"""The whole demo at debug size: every stage runs for real, every artifact exists, every metric is finite."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dreamteacher import demo_data
+from dreamteacher.demo import derive, format_table, plan_demo, run_demo, summarise
+from dreamteacher.schema import load_pipeline
+
+SHIPPED_TEACHER = Path("assets/demo-teacher")
+
+
+@pytest.fixture()
+def small_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    counts = dict.fromkeys(demo_data.COUNTS, 8)
+    counts["unlabeled"] = 16
+    monkeypatch.setattr(demo_data, "COUNTS", counts)
+
+
+def _cfg(tmp_path: Path, *extra: str):  # noqa: ANN202
+    return load_pipeline("pipeline.yaml", [
+        f"demo.out={tmp_path / 'demo'}", "demo.size=debug",
+        *(f"datasets.{name}.root={tmp_path / 'data' / name}" for name in ("demo", "demo-fewshot", "demo-coco")),
+        *extra,
+    ])  # fmt: skip
+
+
+def test_debug_demo_end_to_end(tmp_path: Path, small_data: None) -> None:
+    cfg = _cfg(tmp_path)
+    results = run_demo(cfg, "debug", progress=False)
+    out = tmp_path / "demo"
+    for name in ("report.md", "results.json", "config.yaml", "report/data.png", "report/features.png",
+                 "report/losses.png", "distill/student-debug/backbone.safetensors",
+                 "distill/student-debug/regressor.safetensors"):  # fmt: skip
+        assert (out / name).is_file(), name
+    for task in ("fewshot", "coco"):
+        for init in ("distilled", "random"):
+            run = out / "finetune" / f"debug-{task}-{init}-seed0"
+            assert (run / "results.json").is_file() and (run / "predictions.png").is_file()
+            assert (out / "report" / f"predictions_{task}_{init}.png").is_file()
+    report = (out / "report.md").read_text()
+    for link in ("report/data.png", "report/features.png", "report/losses.png"):
+        assert link in report
+    assert [row["metric"] for row in results["table"]] == ["mIoU", "segm_AP", "bbox_AP"]
+    for row in results["table"]:
+        for init in ("distilled", "random"):
+            assert len(row[init]["values"]) == 1 and all(math.isfinite(v) for v in row[init]["values"])
+    assert json.loads((out / "results.json").read_text())["size"] == "debug"
+    # The distilled runs really started from the distilled backbone, the random ones from nothing.
+    ckpts = {json.loads((out / "finetune" / f"debug-fewshot-{i}-seed0" / "results.json").read_text())["ckpt"]
+             for i in ("distilled", "random")}  # fmt: skip
+    assert ckpts == {str(out / "distill" / "student-debug" / "backbone.safetensors"), ""}
+
+    # A second run reuses everything that is finished.
+    again = run_demo(cfg, "debug", progress=False)
+    assert again["table"] == results["table"]
+    assert again["timings_s"]["distill"] < 1.0
+
+
+def test_plan_validates_every_stage_before_running(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    plan = plan_demo(cfg, "full")
+    assert len(plan.finetune) == 2 * 2 * len(cfg.demo.seeds)
+    assert plan.encode.encode.bank == plan.distill.distill.bank
+    with pytest.raises(ValueError, match="choices: full, debug"):
+        plan_demo(cfg, "huge")
+    bad = derive(cfg, ["demo.sizes.debug.distill=[distill.student.name=resnet34]"])
+    with pytest.raises(ValueError, match="same timm model"):
+        plan_demo(bad, "debug")
+    with pytest.raises(ValueError, match="unknown key"):
+        derive(cfg, ["distill.nope=1"])
+
+
+def test_results_table_mean_and_std() -> None:
+    runs = {}
+    for seed, (a, b) in enumerate([(50.0, 40.0), (54.0, 42.0)]):
+        runs[("fewshot", "distilled", seed)] = {"mIoU": a}
+        runs[("fewshot", "random", seed)] = {"mIoU": b}
+        runs[("coco", "distilled", seed)] = {"segm_AP": 10.0, "bbox_AP": 12.0}
+        runs[("coco", "random", seed)] = {"segm_AP": 8.0, "bbox_AP": 9.0}
+    rows = summarise(runs)
+    miou = rows[0]
+    assert miou["distilled"]["mean"] == 52.0 and miou["random"]["mean"] == 41.0 and miou["delta"] == 11.0
+    assert miou["distilled"]["std"] == pytest.approx(math.sqrt(8.0))  # sample std of (50, 54)
+    text = format_table(rows, 2)
+    assert "52.00 +- 2.83" in text and "+11.00" in text
+
+
+def test_shipped_teacher_is_complete() -> None:
+    for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json", "samples.png"):  # fmt: skip
+        assert (SHIPPED_TEACHER / name).is_file(), name
+    size = sum(p.stat().st_size for p in SHIPPED_TEACHER.rglob("*") if p.is_file())
+    assert size < 10.5e6
