@@ -134,7 +134,9 @@ def loss_figure(path: Path, exp_dir: Path, finetune_dirs: dict[tuple[str, str, i
             ]
             if points:
                 colour = "tab:blue" if init == "distilled" else "tab:orange"
-                ax.plot(*zip(*points, strict=True), color=colour, alpha=0.7, label=f"{init} seed {seed}")
+                ax.plot(
+                    *zip(*points, strict=True), ".-", color=colour, alpha=0.7, label=f"{init} seed {seed}"
+                )
         ax.set_title(f"fine-tuning: {task}")
     for ax in axes:
         ax.set_xlabel("step")

@@ -68,9 +68,9 @@ def _demo_sizes() -> dict[str, DemoSizeConfig]:
                 "encode.batch_size=32",
                 "encode.num_workers=0",
             ],  # fmt: skip
-            distill=[*_DEMO_DISTILL, "distill.max_steps=400"],
-            fewshot=[*_DEMO_FEWSHOT, "finetune.segmentation.iters=200"],
-            coco=[*_DEMO_COCO, "finetune.detection.iters=150"],
+            distill=[*_DEMO_DISTILL, "distill.max_steps=300"],
+            fewshot=[*_DEMO_FEWSHOT, "finetune.segmentation.iters=150"],
+            coco=[*_DEMO_COCO, "finetune.detection.iters=100"],
         ),
         "debug": DemoSizeConfig(
             encode=[
