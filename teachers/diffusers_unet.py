@@ -86,6 +86,11 @@ class DiffusersTeacher(Teacher):
             raise FileNotFoundError(
                 f"teacher.path {path!r} does not exist (and is not a hub id 'owner/name')"
             )
+        if Path(path.split("/")[0]).is_dir():  # e.g. assets/demo-teacher before the teacher is trained
+            raise FileNotFoundError(
+                f"teacher.path {path!r} does not exist; its first component is a local folder, so it is not tried "
+                "as a hub id. Create the teacher there (save_pretrained) or fix the path."
+            )
         errors = []
         for subfolders in (("unet", "scheduler"), (None, None)):  # pipeline layout, then bare layout
             try:

@@ -99,7 +99,7 @@ def test_v_prediction_is_converted_to_epsilon() -> None:
         torch.testing.assert_close(teacher.predict_eps(x, t), abar.sqrt() * v + (1 - abar).sqrt() * x)
 
 
-def test_registry_errors_name_the_config_key(tmp_path: Path) -> None:
+def test_registry_errors_name_the_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="valid kinds: diffusers, adm"):
         build_teacher(TeacherConfig(kind="gan"), "cpu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="teacher.path is empty"):
@@ -108,6 +108,10 @@ def test_registry_errors_name_the_config_key(tmp_path: Path) -> None:
         build_teacher(TeacherConfig(kind="diffusers", path=str(tmp_path)), "cpu")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_teacher(TeacherConfig(kind="diffusers", path=str(tmp_path / "missing")), "cpu")
+    (tmp_path / "assets").mkdir()
+    monkeypatch.chdir(tmp_path)  # a relative path under an existing local folder is never sent to the hub
+    with pytest.raises(FileNotFoundError, match="not tried as a hub id"):
+        build_teacher(TeacherConfig(kind="diffusers", path="assets/demo-teacher"), "cpu")
     with pytest.raises(Exception, match="ADM_CKPT"):
         build_teacher(
             TeacherConfig(kind="adm", preset="adm-256-uncond", checkpoint="${ADM_CKPT_UNSET_X}"), "cpu"
