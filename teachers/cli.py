@@ -10,10 +10,15 @@ from dreamteacher.options import config_options
 @click.command("teacher")
 @click.option("--resume", is_flag=True, help="Continue from <teacher_train.out>/checkpoint.pt.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--stop-at-step", type=int, default=None,
+              help="End this session after this step (checkpoint + export), keeping the full schedule; --resume "
+              "continues it.")  # fmt: skip
 @config_options
-def teacher(cfg, resume: bool, no_progress: bool) -> None:  # noqa: ANN001 - cfg is a PipelineConfig
+def teacher(cfg, resume: bool, no_progress: bool, stop_at_step: int | None) -> None:  # noqa: ANN001 - PipelineConfig
     """Train the teacher in the `teacher_train:` section; writes <out>/pipeline/ (unet/ + scheduler/)."""
     from teachers.train import run_teacher_training
 
-    pipeline_dir = run_teacher_training(cfg, resume=resume, progress=not no_progress)
+    pipeline_dir = run_teacher_training(
+        cfg, resume=resume, progress=not no_progress, stop_at_step=stop_at_step
+    )
     click.echo(f"teacher saved to {pipeline_dir} (point teachers.<name>.path at it)")
