@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dreamteacher.config import ConfigError
 from teachers import FeatureTaps, Teacher, build_teacher, discover_taps, resolve_taps
 from teachers.adm import ADMTeacher
 from teachers.config import TapConfig, TeacherConfig
@@ -112,7 +113,7 @@ def test_registry_errors_name_the_config_key(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)  # a relative path under an existing local folder is never sent to the hub
     with pytest.raises(FileNotFoundError, match="not tried as a hub id"):
         build_teacher(TeacherConfig(kind="diffusers", path="assets/demo-teacher"), "cpu")
-    with pytest.raises(Exception, match="ADM_CKPT"):
+    with pytest.raises(ConfigError, match="ADM_CKPT"):
         build_teacher(
             TeacherConfig(kind="adm", preset="adm-256-uncond", checkpoint="${ADM_CKPT_UNSET_X}"), "cpu"
         )
