@@ -24,23 +24,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from torchvision.utils import save_image
 from tqdm import tqdm
 
 from dreamteacher.config import save_resolved
-from dreamteacher.datasets import ensure_available
+from dreamteacher.images import ImageDataset, list_images, to_model_range
 from dreamteacher.schema import PipelineConfig
 from teachers.config import TeacherTrainConfig
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -82,47 +79,8 @@ def build_scheduler(tc: TeacherTrainConfig) -> DDPMScheduler:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data
+# Data (image listing and preprocessing: dreamteacher.images, shared with encode)
 # ----------------------------------------------------------------------------------------------------------
-def list_images(root: Path) -> list[Path]:
-    """Every image below ``root`` (recursive), sorted by relative path (the ``folder`` layout)."""
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found below {root}")
-    return paths
-
-
-class ImageFolderDataset(Dataset):
-    """Images below a folder -> uint8 ``(3, R, R)``: shorter side resized (bicubic, antialiased), centre crop.
-
-    A minimal loader for the ``folder`` layout: the shared image sources (``dreamteacher/images.py``) were not in
-    the repository when this stage was written; the preprocessing is the same (the paper's resize + centre crop).
-    """
-
-    def __init__(self, paths: list[Path], resolution: int) -> None:
-        self.paths = paths
-        self.resolution = resolution
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            scale = self.resolution / min(img.size)
-            if scale != 1.0:
-                size = (
-                    max(self.resolution, round(img.width * scale)),
-                    max(self.resolution, round(img.height * scale)),
-                )
-                img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
-            left, top = (img.width - self.resolution) // 2, (img.height - self.resolution) // 2
-            img = img.crop((left, top, left + self.resolution, top + self.resolution))
-            array = np.asarray(img, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-
-
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator that owns all randomness of one training step (makes resume exact)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -285,9 +243,8 @@ def run_teacher_training(
     if resume and not ckpt_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
 
-    # 1. Resolve the data (generated on first use for the demo) and write the resolved config.
-    root = ensure_available(tc.data, cfg.dataset(tc.data))
-    paths = list_images(root)
+    # 1. List the images (demo data is generated on first use) and write the resolved config.
+    records = list_images(tc.data, cfg.dataset(tc.data))
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out)
     if tc.cpu_threads > 0:
@@ -310,17 +267,26 @@ def run_teacher_training(
 
     # 3. Train: the sampler yields the batches of the remaining steps.
     end_step = tc.steps if stop_at_step is None else min(tc.steps, stop_at_step)
-    sampler = StepBatchSampler(len(paths), tc.batch_size, tc.seed, state.step, end_step)
-    loader = DataLoader(ImageFolderDataset(paths, tc.resolution), batch_sampler=sampler,
-                        num_workers=tc.num_workers, persistent_workers=False)  # fmt: skip
+    sampler = StepBatchSampler(len(records), tc.batch_size, tc.seed, state.step, end_step)
+    loader = DataLoader(
+        ImageDataset(records, tc.resolution), batch_sampler=sampler, num_workers=tc.num_workers
+    )
+    rejects: dict[str, str] = {}
     metrics = (out / "metrics.jsonl").open("a")
     window: list[float] = []
     t_last = time.perf_counter()
     bar = tqdm(total=tc.steps, initial=state.step, desc="teacher", disable=not progress, dynamic_ncols=True)
-    for images_B3HW in loader:
-        images_B3HW = (
-            images_B3HW.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-        )  # uint8 -> [-1, 1]
+    for batch in loader:
+        ok_B = batch["ok"]
+        if not ok_B.all():  # unreadable files are skipped (listed in rejects.json), never fatal
+            reasons = zip(batch["key"], batch["reason"], ok_B.tolist(), strict=True)
+            rejects.update({key: reason for key, reason, ok in reasons if not ok})
+            (out / "rejects.json").write_text(json.dumps(rejects, indent=1, sort_keys=True))
+            if not ok_B.any():
+                state.step += 1  # keep the step <-> randomness mapping of an uninterrupted run
+                bar.update(1)
+                continue
+        images_B3HW = to_model_range(batch["image_u8"][ok_B].to(device, non_blocking=True))  # (B, 3, R, R)
         if device.type == "cuda" and tc.channels_last:
             images_B3HW = images_B3HW.contiguous(memory_format=torch.channels_last)
         gen = step_generator(tc.seed, state.step + 10**9)  # disjoint from the sampler's per-step generators

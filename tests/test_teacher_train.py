@@ -114,13 +114,16 @@ def test_step_sampler_is_a_function_of_the_step() -> None:
 
 
 def test_train_export_and_load(tmp_path: Path, images: Path) -> None:
-    cfg = _cfg(tmp_path)
+    (images / "broken.png").write_bytes(b"not a png")  # a reject: skipped and listed, not fatal
+    cfg = _cfg(tmp_path, steps=4, batch_size=6)
     pipeline_dir = run_teacher_training(cfg, progress=False)
     out = tmp_path / "run"
     for name in ("config.yaml", "checkpoint.pt", "metrics.jsonl", "samples.png"):
         assert (out / name).is_file(), name
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in lines)
+    rejects = json.loads((out / "rejects.json").read_text())
+    assert list(rejects) == ["broken.png"]
     unet = UNet2DModel.from_pretrained(pipeline_dir / "unet")
     scheduler = DDPMScheduler.from_pretrained(pipeline_dir / "scheduler")
     assert unet.config.sample_size == 32 and scheduler.config.prediction_type == "epsilon"
