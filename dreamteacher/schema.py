@@ -80,14 +80,23 @@ def _demo_sizes() -> dict[str, DemoSizeConfig]:
                 "encode.batch_size=16",
                 "encode.num_workers=0",
             ],  # fmt: skip
-            distill=[*_DEMO_DISTILL, "distill.batch_size=8", "distill.max_steps=2", "distill.log_every=1"],
+            # debug: the smallest ResNet in timm with strides 4-32 (4.9M parameters) keeps the test short
+            distill=[
+                *_DEMO_DISTILL,
+                "distill.student.name=resnet10t",
+                "distill.batch_size=8",
+                "distill.max_steps=2",
+                "distill.log_every=1",
+            ],
             fewshot=[
                 *_DEMO_FEWSHOT,
+                "finetune.backbone=resnet10t",
                 "finetune.segmentation.iters=2",
                 "finetune.segmentation.optim.warmup_iters=1",
             ],
             coco=[
                 *_DEMO_COCO,
+                "finetune.backbone=resnet10t",
                 "finetune.detection.iters=2",
                 "finetune.detection.optim.warmup_iters=1",
                 "finetune.detection.filter_empty_train=false",
