@@ -216,18 +216,6 @@ def run_distill(cfg: PipelineConfig, *, resume: bool = False, progress: bool = T
         pool_scales=dcfg.regressor.pool_scales,
         num_classes=label_logits.num_classes if label_logits else 0,
     ).to(ctx.device)
-    for lv in bank.levels:
-        if lv.name in levels and (lv.height, lv.width) != (bank.spec.image_size // lv.stride,) * 2:
-            log.warning(
-                "bank level %s is %dx%d, the student's stride-%d map is %dx%d: targets are resized "
-                "(bilinear) to the student's size",
-                lv.name,
-                lv.height,
-                lv.width,
-                lv.stride,
-                bank.spec.image_size // lv.stride,
-                bank.spec.image_size // lv.stride,
-            )
     if ctx.device.type == "cuda" and dcfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if ctx.world_size > 1 and ctx.device.type == "cuda":

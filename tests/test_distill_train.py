@@ -116,15 +116,15 @@ def test_loss_falls_when_overfitting(bank_path: Path, tmp_path: Path) -> None:
         bank_path,
         tmp_path,
         "distill.exp=fit",
-        "distill.max_steps=40",
-        "distill.batch_size=8",
+        "distill.max_steps=20",
+        "distill.batch_size=4",
         "distill.optim.lr=0.003",
         "distill.draw=first",
         "distill.flip=none",
     )
     exp = run_distill(cfg, progress=False)
     records = read_metrics(exp / "metrics.jsonl")
-    assert len(records) == 40
+    assert len(records) == 20
     first = np.mean([r["loss"] for r in records[:4]])
     last = np.mean([r["loss"] for r in records[-4:]])
     assert last < 0.6 * first, (first, last)
@@ -223,6 +223,7 @@ def test_cli_trains_without_subcommand(bank_path: Path, tmp_path: Path) -> None:
     assert (tmp_path / "cli" / "backbone.safetensors").is_file()
 
 
+@pytest.mark.slow  # two fresh Python processes import torch + timm
 def test_ddp_two_processes_cover_each_image_once(bank_path: Path, tmp_path: Path) -> None:
     # batch 8 over 2 ranks, 16 images: one epoch = 2 steps of 4 rows per rank
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -470,3 +471,23 @@ def test_convnext_export_loads_into_timm(tmp_path: Path) -> None:
     assert torch.equal(
         feats.stages_3.blocks[0].conv_dw.weight, net.student.body.stages_3.blocks[0].conv_dw.weight
     )
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_channels_last_step(bank_path: Path, tmp_path: Path) -> None:
+    for amp_dtype in ("bf16", "fp16"):
+        exp = run_distill(
+            make_cfg(
+                bank_path,
+                tmp_path,
+                f"distill.exp=cuda-{amp_dtype}",
+                "distill.device=cuda",
+                f"distill.amp_dtype={amp_dtype}",
+                "distill.max_steps=3",
+            ),
+            progress=False,
+        )
+        records = read_metrics(exp / "metrics.jsonl")
+        assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+        state = load_checkpoint(exp / "checkpoint.pt")
+        assert bool(state["scaler"]) == (amp_dtype == "fp16")  # a GradScaler only for fp16
