@@ -152,3 +152,32 @@ def test_shipped_pipeline_yaml_teachers_are_valid() -> None:
             adm_from_flags(flags, device="meta")
         else:
             assert teacher_cfg.path, name
+
+
+class _RecordingTeacher(DiffusersTeacher):
+    """The debug teacher, recording the device of each pass; optionally reads a value (impossible on meta)."""
+
+    reads_value = False
+
+    def predict_eps(self, x_BCHW: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
+        self.devices.append(x_BCHW.device.type)
+        if self.reads_value:
+            float(t_B[0])
+        return super().predict_eps(x_BCHW, t_B)
+
+
+@pytest.mark.parametrize("reads_value", [False, True])
+def test_discover_taps_runs_on_meta_and_falls_back_to_a_real_pass(reads_value: bool) -> None:
+    base = DiffusersTeacher.debug(32)
+    teacher = _RecordingTeacher(base.unet, _scheduler())
+    teacher.devices, teacher.reads_value = [], reads_value
+    infos = discover_taps(teacher, teacher.default_taps(), 32)
+    assert teacher.devices == (["meta", "cpu"] if reads_value else ["meta"])
+    assert [(i.channels, i.height) for i in infos] == [(32, 4), (16, 8), (16, 16), (8, 32)]
+    assert next(teacher.parameters()).device.type == "cpu"  # the real weights were never replaced
+
+
+def _scheduler():  # noqa: ANN202 - diffusers type imported lazily
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000)
