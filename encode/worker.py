@@ -149,6 +149,11 @@ def get_writer(path: str, spec: BankSpec, bank_cfg: BankConfig) -> BankWriter:
     """The process's writer for this bank (opened for resume: the driver already created it)."""
     key = (path, spec.fingerprint())
     with _CACHE_LOCK:
+        # write_empty_chunks is a runtime setting in zarr 3, not stored with the array: without it an all-zero
+        # part of a shard (source_index 0 of shard 0, a shard of rejects) is never written and has no file.
+        # Set for the whole process: a per-write context manager is not thread-safe (donfig restores the value
+        # a concurrent task thread still relies on).
+        zarr.config.set({"array.write_empty_chunks": True})
         if key not in _WRITERS:
             _WRITERS[key] = BankWriter.create(path, spec, bank_cfg, overwrite=False)
         return _WRITERS[key]
@@ -262,10 +267,7 @@ def encode_shard(task: ShardTask) -> ShardStats:
         ok=ok,
         rejects=dict(stats.rejects),
     )
-    # write_empty_chunks is a runtime setting in zarr 3 (not stored with the array): without it an all-zero part
-    # of a shard (e.g. source_index 0 of shard 0, or a shard of rejects) is never written and has no file.
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        stats.write = dict(writer.write_shard(task.shard, shard_rows))
+    stats.write = dict(writer.write_shard(task.shard, shard_rows))
     stats.rows = n_rows
     stats.seconds = time.perf_counter() - start
     return stats
