@@ -134,11 +134,13 @@ def plan_encode(cfg: PipelineConfig, *, use_dask: bool = True) -> EncodePlan:
     )
     encoder = build_encoder(settings, torch.device("cpu")) if use_dask else get_encoder(settings)[0]
     taps_info, resolution = encoder.taps_info, encoder.resolution
-    identity = to_dict(encoder.teacher.identity())
+    # Where the weights live is not content (their sha256 is): a moved checkpoint must not block a resume. The
+    # paths stay in the resolved config.yaml beside the bank.
+    identity = _without_locations(to_dict(encoder.teacher.identity()))
     del encoder
 
     # 4. Bank spec: levels from the taps, shard size and codecs from the bank config, provenance in attributes.
-    teacher_config = {k: v for k, v in to_dict(settings.teacher).items() if k not in ("path", "checkpoint")}
+    teacher_config = _without_locations(to_dict(settings.teacher))
     attributes = {
         "teacher": {"name": teacher_name, "identity": identity, "config": teacher_config},
         "encoding": {
@@ -170,6 +172,18 @@ def plan_encode(cfg: PipelineConfig, *, use_dask: bool = True) -> EncodePlan:
         cfg, encode=dataclasses.replace(enc, teacher=teacher_name, t=t, bank=bank_path, resolution=resolution)
     )
     return EncodePlan(config=resolved, records=records, settings=settings, spec=spec, bank_path=bank_path)
+
+
+_LOCATION_KEYS = frozenset({"path", "checkpoint", "_name_or_path"})
+
+
+def _without_locations(data: Any) -> Any:
+    """Drop file locations (recursively) from provenance that goes into the bank's fingerprint."""
+    if isinstance(data, dict):
+        return {k: _without_locations(v) for k, v in data.items() if k not in _LOCATION_KEYS}
+    if isinstance(data, list):
+        return [_without_locations(v) for v in data]
+    return data
 
 
 def run_encode(

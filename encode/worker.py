@@ -91,7 +91,7 @@ class ShardStats:
     """The shard was already done (a retry or a concurrent duplicate)."""
     seconds: float = 0.0
     teacher_seconds: float = 0.0
-    """Time inside the teacher (holding the compute lock)."""
+    """Time holding the teacher (on CUDA: until its kernels are queued, not finished)."""
     write: dict[str, Any] = field(default_factory=dict)
     """``BankWriter.write_shard``'s stats (bytes, ...)."""
 
@@ -243,11 +243,10 @@ def encode_shard(task: ShardTask) -> ShardStats:
             eps_VCHW = make_noise(seed[row_idx_V.numpy()].tolist(), flip_V.tolist(), (3, res, res))
         # 3d. One teacher read-out, serialised with the other task threads of this process.
         x0_VCHW = to_model_range(views_u8_VCHW.to(device, non_blocking=True))
+        #     No synchronize: on CUDA the kernels are queued and this thread runs ahead to the next batch.
         with compute_lock:
             t0 = time.perf_counter()
             feats = encoder(x0_VCHW, None if eps_VCHW is None else eps_VCHW.to(device, non_blocking=True))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
             stats.teacher_seconds += time.perf_counter() - t0
         # 3e. Scatter into the shard buffers.
         rows_dev = row_idx_V.to(device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,6 +236,13 @@ def test_config_errors(assets: Path, reference_bank: Path) -> None:
     clear_caches()
     with pytest.raises(BankError, match=r"encoding\.t: 50 -> 60[\s\S]*--overwrite"):
         run_encode(make_cfg(assets, reference_bank, "encode.t=60"), use_dask=False, progress=False)
+    # where the weights live is not a setting: the same weights at another path resume the same bank
+    moved = assets / "teacher-moved"
+    shutil.copytree(assets / "teacher", moved)
+    summary = run_encode(
+        make_cfg(assets, reference_bank, f"teachers.tiny.path={moved}"), use_dask=False, progress=False
+    )
+    assert summary.shards_encoded == 0
 
 
 def test_cli_help_and_missing_imagenet_root(monkeypatch: pytest.MonkeyPatch) -> None:
