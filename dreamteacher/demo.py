@@ -128,6 +128,8 @@ def format_table(rows: list[dict[str, Any]], seeds: int) -> str:
 
 def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) -> dict[str, Any]:
     """Run the demo end to end; returns the results (also written to ``<demo.out>/results.json``)."""
+    import torch
+
     from distill.train import run_distill
     from dreamteacher.report import write_report
     from encode.pipeline import run_encode
@@ -135,6 +137,8 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    if cfg.demo.cpu_threads > 0:
+        torch.set_num_threads(cfg.demo.cpu_threads)
     # 0. Every stage's config, validated up front; the resolved config goes into the run folder.
     plan = plan_demo(cfg, size)
     plan.out.mkdir(parents=True, exist_ok=True)

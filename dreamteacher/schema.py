@@ -120,6 +120,9 @@ class DemoConfig:
     """Name in ``teachers:`` that encodes the demo images (the shipped ``assets/demo-teacher``)."""
     use_dask: bool = False
     """Encode through a local dask cluster (as real runs do); off by default: on one CPU it only adds start-up."""
+    cpu_threads: int = 0
+    """torch intra-op threads for the whole demo on CPU (0 = torch's default). 1 is faster on a CPU shared with
+    other jobs: two processes with two spinning threads each on two cores slow each other down several-fold."""
     sizes: dict[str, DemoSizeConfig] = field(default_factory=_demo_sizes)
 
 
