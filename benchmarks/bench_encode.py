@@ -14,6 +14,7 @@ Run: ``.venv/bin/python benchmarks/bench_encode.py [--device cpu|cuda] [--images
 from __future__ import annotations
 
 import math
+import os
 import platform
 import re
 import shutil
@@ -78,7 +79,6 @@ def bench_unet(
                 f"encode.num_workers={num_workers}",
                 f"encode.device={device}",
                 "bank.codec=int8",
-                f"bank.shard_rows={batch_size * 2}",
             ],
         )
         enc = cfg.encode
@@ -122,13 +122,14 @@ def bench_unet(
         #    Alternate the two and keep each one's best: the machine is shared, so single runs are noisy.
         #    The bare loop runs on a pool thread like the encode's tasks: measured here, torch CPU ops ran up to
         #    2x slower on the interpreter's main thread than on a fresh thread, which would flatter the ratio.
-        bare, e2e = [], []
+        bare, e2e, busy = [], [], []
         with ThreadPoolExecutor(max_workers=1) as pool:
             for _ in range(repeats):
                 bare.append(pool.submit(bare_seconds).result())
                 shutil.rmtree(tmp / "bank.zarr", ignore_errors=True)
                 summary = run_encode(cfg, use_dask=False, progress=False)
                 e2e.append(summary.wall_seconds)
+                busy.append(summary.teacher_seconds / summary.wall_seconds)
         bare_img_s, e2e_img_s = len(records) / min(bare), len(records) / min(e2e)
         return {
             "params_m": params / 1e6,
@@ -142,6 +143,9 @@ def bench_unet(
             "bank_mb": summary.bytes_written / 1e6,
             "mb_s": summary.bytes_written / 1e6 / min(e2e),
             "repeats": repeats,
+            "busy": busy[e2e.index(min(e2e))],
+            "shard_rows": cfg.bank.shard_rows,
+            "load_avg": os.getloadavg()[0],
             "device": str(encoder.device),
         }
 
@@ -200,16 +204,25 @@ def format_tables(unet: dict, adm: dict | None, machine: str) -> str:
         f"Machine: {machine}.",
         "",
         "| teacher | params | images (views) | res | batch (views) | bare read-out img/s | end-to-end img/s "
-        "| ratio | bank MB | MB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ratio | teacher busy | bank MB | MB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| UNet2DModel (64,128,256,256), random init | {unet['params_m']:.1f}M | {unet['images']} ({unet['views']}) "
         f"| {unet['resolution']} | {unet['batch']} | {unet['bare_img_s']:.2f} | {unet['e2e_img_s']:.2f} "
-        f"| **{unet['ratio']:.2f}** | {unet['bank_mb']:.1f} | {unet['mb_s']:.2f} |",
+        f"| **{unet['ratio']:.2f}** | {unet['busy']:.0%} | {unet['bank_mb']:.1f} | {unet['mb_s']:.2f} |",
         "",
         "End-to-end = `run_encode` in-process (`--no-dask`): listing, decoding in DataLoader workers, noise, teacher,",
         "int8 codec, Zarr writes, done markers, summary; draws=2, flips=both (4 views per image), T=150. Bare =",
         f"the same read-outs on pre-decoded batches of the same composition. Best of {unet['repeats']} alternating",
-        "runs each (shared machine). Target ratio >= 0.90.",
+        f"runs each (shared machine); bank.shard_rows={unet['shard_rows']}. Teacher busy = share of the end-to-end",
+        "wall time spent inside the teacher read-out: the rest (listing, bank creation, the last shard's write) is",
+        "what overlap cannot hide. On a 2-core CPU the decode worker and the writer thread also take cores from",
+        "the teacher's own threads, which a GPU run does not suffer. Target ratio >= 0.90: "
+        + (
+            "met."
+            if unet["ratio"] >= 0.9
+            else f"not met on this machine (1-min load average {unet['load_avg']:.1f}"
+            " on 2 cores at the end of the runs)."
+        ),
     ]
     if adm:
         taps = ", ".join(f"{n} {c}x{h}x{w}" for n, c, h, w in adm["taps"])
@@ -240,7 +253,7 @@ def write_docs(text: str) -> None:
 
 @click.command()
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda.")
-@click.option("--images", default=8, show_default=True)
+@click.option("--images", default=32, show_default=True)
 @click.option("--resolution", default=32, show_default=True)
 @click.option("--batch-size", default=8, show_default=True, help="Views per teacher forward.")
 @click.option("--num-workers", default=1, show_default=True, help="DataLoader decoding workers.")
