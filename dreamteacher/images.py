@@ -127,6 +127,11 @@ def _list_wds(pattern: str) -> list[ImageRecord]:
 
 def list_images(name: str, dataset: DatasetConfig) -> list[ImageRecord]:
     """All images of dataset ``name`` in deterministic (key-sorted) order, truncated to ``dataset.limit``."""
+    if not dataset.root.strip():
+        raise ConfigError(
+            f"datasets.{name}.root is empty (is the environment variable it names, e.g. IMAGENET_ROOT, set to an "
+            "empty string?); point it at the data"
+        )
     if dataset.layout == "wds":
         records = _list_wds(require_resolved(dataset.root, f"datasets.{name}.root"))
     else:

@@ -79,6 +79,8 @@ def test_unknown_layout_and_missing_root_are_clear(tmp_path: Path) -> None:
         list_images("x", DatasetConfig(root=str(tmp_path / "absent"), layout="folder"))
     with pytest.raises(ConfigError, match="IMAGENET_ROOT"):
         list_images("imagenet", DatasetConfig(root="${IMAGENET_ROOT}", layout="imagefolder"))
+    with pytest.raises(ConfigError, match="root is empty"):
+        list_images("imagenet", DatasetConfig(root="", layout="imagefolder"))
     with pytest.raises(ConfigError, match="contains no images"):
         list_images("e", DatasetConfig(root=str(tmp_path), layout="folder"))
 
