@@ -7,7 +7,8 @@ Steps (each stage is called in-process through its public function, with a modif
 3. distill   a small student (+ FPN/PPM regressor) learns to reproduce the teacher's features from the bank;
 4. finetune  few-label semantic segmentation and COCO-style instance segmentation, each from the distilled
              backbone AND from random init with the same budget, over ``demo.seeds``;
-5. report    results table (mean +- std over seeds), ``<out>/report.md`` with PNGs, ``<out>/results.json``.
+5. probe     teacher diagnostic: linear-probe mIoU of teacher vs random-teacher vs pixel features;
+6. report    results table (mean +- std over seeds), ``<out>/report.md`` with PNGs, ``<out>/results.json``.
 
 Re-running reuses what is finished (the bank, the distilled student, finished fine-tuning runs).
 """
@@ -131,6 +132,7 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
     import torch
 
     from distill.train import run_distill
+    from dreamteacher.probe import run_probe
     from dreamteacher.report import write_report
     from encode.pipeline import run_encode
     from finetune.run import run_finetune
@@ -184,7 +186,12 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
         runs[key] = metrics
     timings["finetune"] = time.perf_counter() - tick
 
-    # 5. Table, results file, report.
+    # 5. Teacher diagnostic: linear probes of teacher / random-teacher / pixel features on the few-label split.
+    tick = time.perf_counter()
+    probe = run_probe(plan.encode, data=TASKS["fewshot"][0], teacher_name=cfg.demo.teacher)
+    timings["probe"] = time.perf_counter() - tick
+
+    # 6. Table, results file, report.
     rows = summarise(runs)
     seeds = len({seed for _, _, seed in runs})
     table = format_table(rows, seeds)
@@ -200,6 +207,7 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
         "seeds": seeds,
         "table": rows,
         "runs": [{"task": t, "init": i, "seed": s, "metrics": m} for (t, i, s), m in sorted(runs.items())],
+        "teacher_probe_mIoU": probe,
         "encode": {k: v for k, v in encode_summary.as_dict().items() if k != "rejects"},
         "timings_s": timings,
     }

@@ -198,6 +198,15 @@ def write_report(plan: DemoPlan, exp_dir: Path, results: dict[str, Any], table: 
             for r in results["runs"]
         ),
         "",
+        "## Teacher diagnostic: per-pixel linear probe on the few-label split (test mIoU %, stride-4 grid)",
+        "",
+        "| features | mIoU |",
+        "|---|---|",
+        *(f"| {name} | {value:.1f} |" for name, value in results["teacher_probe_mIoU"].items()),
+        "",
+        "The teacher's four decoder levels (T as encoded, one draw) vs the same UNet with random weights vs the "
+        "pixels (see dreamteacher/probe.py). Distillation can only pass on what the teacher's features hold.",
+        "",
         "## Data",
         img("data", "demo scenes and labels"),
         "## Teacher samples (DDIM, EMA weights)",

@@ -7,9 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from dreamteacher import demo_data
 from dreamteacher.demo import derive, format_table, plan_demo, run_demo, summarise
+from dreamteacher.probe import STRIDE, linear_probe_miou
 from dreamteacher.schema import load_pipeline
 
 SHIPPED_TEACHER = Path("assets/demo-teacher")
@@ -51,6 +54,9 @@ def test_debug_demo_end_to_end(tmp_path: Path, small_data: None) -> None:
         for init in ("distilled", "random"):
             assert len(row[init]["values"]) == 1 and all(math.isfinite(v) for v in row[init]["values"])
     assert json.loads((out / "results.json").read_text())["size"] == "debug"
+    probe = results["teacher_probe_mIoU"]
+    assert set(probe) == {"teacher", "random teacher", "pixels", "pixels 4x4 patch"}
+    assert all(0.0 <= v <= 100.0 for v in probe.values())
     # The distilled runs really started from the distilled backbone, the random ones from nothing.
     ckpts = {json.loads((out / "finetune" / f"debug-fewshot-{i}-seed0" / "results.json").read_text())["ckpt"]
              for i in ("distilled", "random")}  # fmt: skip
@@ -97,3 +103,17 @@ def test_shipped_teacher_is_complete() -> None:
         assert (SHIPPED_TEACHER / name).is_file(), name
     size = sum(p.stat().st_size for p in SHIPPED_TEACHER.rglob("*") if p.is_file())
     assert size < 10.5e6
+
+
+def test_linear_probe_scores_separable_and_uninformative_features() -> None:
+    gen = torch.Generator().manual_seed(0)
+    labels = (
+        torch.randint(0, 3, (6, 8, 8), generator=gen)
+        .repeat_interleave(STRIDE, 1)
+        .repeat_interleave(STRIDE, 2)
+    )
+    cells = labels[:, STRIDE // 2 :: STRIDE, STRIDE // 2 :: STRIDE]  # (6, 8, 8) label of each stride-4 cell
+    onehot = F.one_hot(cells, 3).permute(0, 3, 1, 2).float()  # features that name the class
+    assert linear_probe_miou(onehot[:4], labels[:4], onehot[4:], labels[4:], 3) == pytest.approx(100.0)
+    noise = torch.randn(onehot.shape, generator=gen)
+    assert linear_probe_miou(noise[:4], labels[:4], noise[4:], labels[4:], 3) < 60.0
