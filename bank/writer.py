@@ -160,6 +160,12 @@ class BankWriter:
         self.path, self.spec = Path(path), spec
         self.group = zarr.open_group(self.path, mode="r+")
         self.arrays = {adef.path: adef for adef in array_defs(spec)}
+        # All-zero chunks (rejected rows, draw with K=1) must still be files: each done marker checksums every
+        # file. write_empty_chunks is a runtime setting in zarr 3 (not stored with the array); set it per array
+        # handle, since the global zarr.config is shared by every writer thread in the process.
+        self._handles = {
+            name: self.group[name].with_config({"write_empty_chunks": True}) for name in self.arrays
+        }
         self.codecs = {
             lv.name: make_codec(lv.codec, bitround_keepbits=spec.bitround_keepbits) for lv in spec.levels
         }
@@ -230,10 +236,8 @@ class BankWriter:
         # 1. a rewrite first withdraws the marker, so a crash mid-rewrite leaves the shard pending
         marker = self.path / done_marker_name(shard)
         marker.unlink(missing_ok=True)
-        # 2. features (codecs run on the tensors' device), pixels, per-row metadata: whole-shard writes.
-        #    All-zero chunks (rejected rows, draw with K=1) must still be files: the marker checksums every file.
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            absmax = self._write_arrays(slice(span.start, span.stop), rows)
+        # 2. features (codecs run on the tensors' device), pixels, per-row metadata: whole-shard writes
+        absmax = self._write_arrays(slice(span.start, span.stop), rows)
         # 3. checksums of what is now on disk, then the marker (last, atomic)
         files = {}
         for adef in self.arrays.values():
@@ -269,12 +273,12 @@ class BankWriter:
             ok_rows = torch.from_numpy(np.asarray(rows.ok, dtype=bool)).to(feats_SCHW.device)
             absmax[level.name] = float(feats_SCHW[ok_rows].abs().amax()) if bool(ok_rows.any()) else 0.0
             for part, values in self.codecs[level.name].encode(feats_SCHW).items():
-                self.group[f"features/{level.name}/{part}"][sl] = values.cpu().numpy()
-        self.group["image"][sl] = rows.images_u8
-        self.group["key"][sl] = encode_keys(rows.keys)
+                self._handles[f"features/{level.name}/{part}"][sl] = values.cpu().numpy()
+        self._handles["image"][sl] = rows.images_u8
+        self._handles["key"][sl] = encode_keys(rows.keys)
         for name in ("source_index", "draw", "flip", "seed"):
-            self.group[name][sl] = np.asarray(getattr(rows, name), dtype=np.int64)
-        self.group["ok"][sl] = np.asarray(rows.ok, dtype=bool)
+            self._handles[name][sl] = np.asarray(getattr(rows, name), dtype=np.int64)
+        self._handles["ok"][sl] = np.asarray(rows.ok, dtype=bool)
         return absmax
 
     def _check_rows(self, shard: int, span: range, rows: ShardRows) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from bank import BankSpec, BankWriter, ShardRows
 from bank.config import BankConfig
@@ -149,11 +148,6 @@ def get_writer(path: str, spec: BankSpec, bank_cfg: BankConfig) -> BankWriter:
     """The process's writer for this bank (opened for resume: the driver already created it)."""
     key = (path, spec.fingerprint())
     with _CACHE_LOCK:
-        # write_empty_chunks is a runtime setting in zarr 3, not stored with the array: without it an all-zero
-        # part of a shard (source_index 0 of shard 0, a shard of rejects) is never written and has no file.
-        # Set for the whole process: a per-write context manager is not thread-safe (donfig restores the value
-        # a concurrent task thread still relies on).
-        zarr.config.set({"array.write_empty_chunks": True})
         if key not in _WRITERS:
             _WRITERS[key] = BankWriter.create(path, spec, bank_cfg, overwrite=False)
         return _WRITERS[key]
