@@ -71,7 +71,9 @@ def from_mapping(cls: type[T], data: Any, path: str = "") -> T:
     errors: list[str] = []
     result = _build(cls, data, path, errors)
     if errors:
-        header = f"{len(errors)} problem(s) in the configuration:" if len(errors) > 1 else "Configuration error:"
+        header = (
+            f"{len(errors)} problem(s) in the configuration:" if len(errors) > 1 else "Configuration error:"
+        )
         raise ConfigError("\n".join([header, *(f"  - {e}" for e in errors)]))
     return result
 
@@ -116,7 +118,9 @@ def _build(tp: Any, value: Any, path: str, errors: list[str]) -> Any:  # noqa: C
             if len(args) != len(value):
                 errors.append(f"{_describe(path)}: expected {len(args)} values, got {len(value)}")
                 return tuple(value)
-            return tuple(_build(a, v, f"{path}[{i}]", errors) for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(
+                _build(a, v, f"{path}[{i}]", errors) for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
         item_type = args[0] if args else Any
         items = [_build(item_type, v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -174,8 +178,11 @@ def _build_dataclass(cls: type, value: Any, path: str, errors: list[str]) -> Any
             kwargs[name] = _build(hints[name], value[name], key_path, errors)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             errors.append(f"missing required key '{key_path}'")
-    if any(name not in kwargs for name, f in fields.items() if f.default is dataclasses.MISSING
-           and f.default_factory is dataclasses.MISSING):
+    if any(
+        name not in kwargs
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ):
         return None  # a required key is missing; already reported
     try:
         return cls(**kwargs)

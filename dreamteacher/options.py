@@ -13,8 +13,14 @@ from dreamteacher.config import ConfigError
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add ``--config PATH`` and trailing ``OVERRIDES...`` and pass a loaded ``PipelineConfig`` as ``cfg``."""
 
-    @click.option("--config", "config_path", default="pipeline.yaml", show_default=True,
-                  type=click.Path(dir_okay=False), help="Pipeline config file.")
+    @click.option(
+        "--config",
+        "config_path",
+        default="pipeline.yaml",
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="Pipeline config file.",
+    )
     @click.argument("overrides", nargs=-1, metavar="[KEY.PATH=VALUE]...")
     def wrapper(config_path: str, overrides: tuple[str, ...], **kwargs: Any) -> Any:
         from dreamteacher.schema import load_pipeline

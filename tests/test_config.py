@@ -38,7 +38,9 @@ class Outer:
 
 
 def test_builds_nested_dataclasses_and_coerces_ints_to_float() -> None:
-    cfg = from_mapping(Outer, {"name": "x", "inner": {"size": 3}, "items": {"k": {"size": 1, "kind": "b"}}, "ratio": 2})
+    cfg = from_mapping(
+        Outer, {"name": "x", "inner": {"size": 3}, "items": {"k": {"size": 1, "kind": "b"}}, "ratio": 2}
+    )
     assert cfg == Outer(name="x", inner=Inner(size=3), items={"k": Inner(size=1, kind="b")}, ratio=2.0)
     assert isinstance(cfg.ratio, float)
     assert from_mapping(Outer, {"name": "x", "inner": {"size": 1}, "pair": [0.5, 2]}).pair == (0.5, 2.0)
