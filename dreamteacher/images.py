@@ -17,6 +17,8 @@ decoded (not an image, truncated, decompression bomb) is NOT an error: it comes 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import multiprocessing.context
 import os
 import re
 import tarfile
@@ -243,8 +245,17 @@ class ImageDataset(torch.utils.data.Dataset):
         }
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding is PIL work; torch threads per worker would oversubscribe the cores
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Start method for decoding workers: forkserver, preloaded with torch and this module.
+
+    Loaders are created from task threads (encode runs several shards per process) in a process that also runs
+    zarr's event-loop thread and, under dask, the worker's communication threads. Forking such a process copies
+    locks held by other threads into the child, which then can die or hang at random. The forkserver forks
+    from a single-threaded server instead; preloading keeps a new worker's start at milliseconds.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "PIL.Image", __name__])
+    return ctx
 
 
 def make_image_loader(
@@ -266,7 +277,7 @@ def make_image_loader(
     """
     extra: dict[str, Any] = {}
     if num_workers > 0:
-        extra = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init}
+        extra = {"prefetch_factor": prefetch_factor, "multiprocessing_context": _worker_context()}
     return torch.utils.data.DataLoader(
         ImageDataset(records, resolution),
         batch_size=batch_size,
