@@ -5,8 +5,9 @@ pass with the taps hooked, on pre-decoded batches) vs the end-to-end ``run_encod
 DataLoader workers, noise, teacher, codecs, Zarr writes, done markers, summary) on the same images, batches and
 device. Target: end-to-end / bare >= 0.90.
 
-Table 2: the paper's teacher, ADM-256 (preset adm-256-uncond, random weights): parameter count, tap shapes, one
-read-out timed on the device, bytes per view per codec at the paper's taps.
+Table 2: the paper's teacher, ADM-256 (preset adm-256-uncond, random weights, loaded from a guided-diffusion-format
+checkpoint): parameter count, tap shapes, bare vs end-to-end throughput as in table 1, bytes per view per codec at
+the paper's taps.
 
 Run: ``.venv/bin/python benchmarks/bench_encode.py [--device cpu|cuda] [--images N] [--no-adm] [--write-docs]``.
 """
@@ -32,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 
-def make_assets(tmp: Path, images: int, resolution: int) -> None:
-    """A random-init mid-size UNet2DModel + DDPM schedule, and ``images`` generated photos-like PNGs."""
+def make_unet_teacher(tmp: Path, resolution: int) -> str:
+    """A random-init mid-size UNet2DModel + DDPM schedule; returns its ``teachers.bench`` YAML."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
@@ -46,6 +47,21 @@ def make_assets(tmp: Path, images: int, resolution: int) -> None:
     )
     unet.save_pretrained(tmp / "teacher")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp / "teacher")
+    return f"{{kind: diffusers, path: {tmp / 'teacher'}}}"
+
+
+def make_adm_teacher(tmp: Path) -> str:
+    """ADM-256 (adm-256-uncond) with random weights, saved as guided-diffusion saves it; returns its YAML."""
+    from teachers.adm import adm_from_flags
+    from teachers.adm_presets import preset_flags
+
+    torch.manual_seed(0)
+    torch.save(adm_from_flags(preset_flags("adm-256-uncond")).state_dict(), tmp / "adm.pt")
+    return f"{{kind: adm, preset: adm-256-uncond, checkpoint: {tmp / 'adm.pt'}, dtype: bf16}}"
+
+
+def make_images(tmp: Path, images: int, resolution: int) -> None:
+    """``images`` generated photo-like JPEGs (larger than ``resolution``: the encode resizes and crops)."""
     (tmp / "images").mkdir()
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0 : resolution + 16, 0 : resolution + 24]
@@ -56,147 +72,129 @@ def make_assets(tmp: Path, images: int, resolution: int) -> None:
         Image.fromarray(arr).save(tmp / "images" / f"{i:04d}.jpg", quality=90)
 
 
-def bench_unet(
-    device: str, images: int, resolution: int, batch_size: int, num_workers: int, repeats: int
+def bench_end_to_end(
+    device: str,
+    tmp: Path,
+    teacher_yaml: str,
+    resolution: int,
+    batch_size: int,
+    num_workers: int,
+    repeats: int,
+    extra: tuple[str, ...] = (),
 ) -> dict:
+    """Bare teacher read-out vs ``run_encode`` on the images in ``tmp/images``, best of ``repeats`` each."""
     from dreamteacher.images import list_images, load_image, to_model_range
     from dreamteacher.schema import load_pipeline
     from encode.pipeline import run_encode
     from encode.worker import EncodeSettings, get_encoder
     from teachers.encoding import make_noise, row_seed
 
-    with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp_name:
-        tmp = Path(tmp_name)
-        make_assets(tmp, images, resolution)
-        cfg = load_pipeline(
-            ROOT / "pipeline.yaml",
-            [
-                f"datasets.bench={{root: {tmp / 'images'}, layout: folder, teacher: bench, t: 150}}",
-                f"teachers.bench={{kind: diffusers, path: {tmp / 'teacher'}}}",
-                "encode.data=bench",
-                f"encode.bank={tmp / 'bank.zarr'}",
-                f"encode.batch_size={batch_size}",
-                f"encode.num_workers={num_workers}",
-                f"encode.device={device}",
-                "bank.codec=int8",
-            ],
-        )
-        enc = cfg.encode
-        flips = 2 if enc.flips == "both" else 1
-        views = enc.draws * flips
-        settings = EncodeSettings(
-            teacher=cfg.teachers["bench"], mode=enc.mode, t=150, ddim_steps=enc.ddim_steps, resolution=0,
-            draws=enc.draws, flips=flips, seed=enc.seed, batch_size=enc.batch_size, num_workers=enc.num_workers,
-            prefetch_factor=enc.prefetch_factor, device=enc.device, cpu_threads=enc.cpu_threads,
-        )  # fmt: skip
-        encoder, _ = get_encoder(settings)  # the same cached encoder run_encode's in-process tasks use
-        params = sum(p.numel() for p in encoder.teacher.parameters())
+    cfg = load_pipeline(
+        ROOT / "pipeline.yaml",
+        [
+            f"datasets.bench={{root: {tmp / 'images'}, layout: folder, teacher: bench, t: 150}}",
+            f"teachers.bench={teacher_yaml}",
+            "encode.data=bench",
+            f"encode.bank={tmp / 'bank.zarr'}",
+            f"encode.batch_size={batch_size}",
+            f"encode.num_workers={num_workers}",
+            f"encode.device={device}",
+            "bank.codec=int8",
+            *extra,
+        ],
+    )
+    enc = cfg.encode
+    flips = 2 if enc.flips == "both" else 1
+    views = enc.draws * flips
+    settings = EncodeSettings(
+        teacher=cfg.teachers["bench"], mode=enc.mode, t=150, ddim_steps=enc.ddim_steps, resolution=0,
+        draws=enc.draws, flips=flips, seed=enc.seed, batch_size=enc.batch_size, num_workers=enc.num_workers,
+        prefetch_factor=enc.prefetch_factor, device=enc.device, cpu_threads=enc.cpu_threads,
+    )  # fmt: skip
+    encoder, _ = get_encoder(settings)  # the same cached encoder run_encode's in-process tasks use
+    params = sum(p.numel() for p in encoder.teacher.parameters())
 
-        # 1. Bare read-out on pre-decoded batches with the same composition as the encode's.
-        records = list_images("bench", cfg.datasets["bench"])
-        per_batch = max(1, enc.batch_size // views)
-        batches = []
-        for start in range(0, len(records), per_batch):
-            chunk = records[start : start + per_batch]
-            u8 = torch.from_numpy(np.stack([load_image(r, resolution)[0] for r in chunk]))
-            u8 = u8.repeat_interleave(views, dim=0)
-            seeds = [
-                row_seed(enc.seed, r.key, d) for r in chunk for d in range(enc.draws) for _ in range(flips)
-            ]
-            flip_flags = [bool(f) for _ in chunk for _ in range(enc.draws) for f in range(flips)]
-            batches.append(
-                (to_model_range(u8).to(encoder.device), make_noise(seeds, flip_flags, u8.shape[1:]))
-            )
-        encoder(*batches[0])  # warm-up (allocator, kernels)
-        sync = torch.cuda.synchronize if encoder.device.type == "cuda" else (lambda: None)
+    # 1. Bare read-out on pre-decoded batches with the same composition as the encode's.
+    records = list_images("bench", cfg.datasets["bench"])
+    per_batch = max(1, enc.batch_size // views)
+    batches = []
+    for start in range(0, len(records), per_batch):
+        chunk = records[start : start + per_batch]
+        u8 = torch.from_numpy(np.stack([load_image(r, resolution)[0] for r in chunk]))
+        u8 = u8.repeat_interleave(views, dim=0)
+        seeds = [row_seed(enc.seed, r.key, d) for r in chunk for d in range(enc.draws) for _ in range(flips)]
+        flip_flags = [bool(f) for _ in chunk for _ in range(enc.draws) for f in range(flips)]
+        batches.append((to_model_range(u8).to(encoder.device), make_noise(seeds, flip_flags, u8.shape[1:])))
+    encoder(*batches[0])  # warm-up (allocator, kernels)
+    sync = torch.cuda.synchronize if encoder.device.type == "cuda" else (lambda: None)
 
-        def bare_seconds() -> float:
-            sync()
-            start = time.perf_counter()
-            for x0, eps in batches:
-                encoder(x0, eps.to(encoder.device))
-            sync()
-            return time.perf_counter() - start
+    def bare_seconds() -> float:
+        sync()
+        start = time.perf_counter()
+        for x0, eps in batches:
+            encoder(x0, eps.to(encoder.device))
+        sync()
+        return time.perf_counter() - start
 
-        # 2. End to end, in-process (no cluster start-up in the figure; see docs/encode.md for dask).
-        #    Alternate the two and keep each one's best: the machine is shared, so single runs are noisy.
-        #    The bare loop runs on a pool thread like the encode's tasks: measured here, torch CPU ops ran up to
-        #    2x slower on the interpreter's main thread than on a fresh thread, which would flatter the ratio.
-        bare, e2e, busy = [], [], []
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            for _ in range(repeats):
-                bare.append(pool.submit(bare_seconds).result())
-                shutil.rmtree(tmp / "bank.zarr", ignore_errors=True)
-                summary = run_encode(cfg, use_dask=False, progress=False)
-                e2e.append(summary.wall_seconds)
-                busy.append(summary.teacher_seconds / summary.wall_seconds)
-        bare_img_s, e2e_img_s = len(records) / min(bare), len(records) / min(e2e)
-        return {
-            "params_m": params / 1e6,
-            "images": len(records),
-            "views": len(records) * views,
-            "resolution": resolution,
-            "batch": enc.batch_size,
-            "bare_img_s": bare_img_s,
-            "e2e_img_s": e2e_img_s,
-            "ratio": e2e_img_s / bare_img_s,
-            "bank_mb": summary.bytes_written / 1e6,
-            "mb_s": summary.bytes_written / 1e6 / min(e2e),
-            "repeats": repeats,
-            "busy": busy[e2e.index(min(e2e))],
-            "shard_rows": cfg.bank.shard_rows,
-            "load_avg": os.getloadavg()[0],
-            "device": str(encoder.device),
-        }
+    # 2. End to end, in-process (no cluster start-up in the figure; see docs/encode.md for dask).
+    #    Alternate the two and keep each one's best: the machine is shared, so single runs are noisy.
+    #    The bare loop runs on a pool thread like the encode's tasks: measured here, torch CPU ops ran up to
+    #    2x slower on the interpreter's main thread than on a fresh thread, which would flatter the ratio.
+    bare, e2e, busy = [], [], []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for _ in range(repeats):
+            bare.append(pool.submit(bare_seconds).result())
+            shutil.rmtree(tmp / "bank.zarr", ignore_errors=True)
+            summary = run_encode(cfg, use_dask=False, progress=False)
+            e2e.append(summary.wall_seconds)
+            busy.append(summary.teacher_seconds / summary.wall_seconds)
+    bare_img_s, e2e_img_s = len(records) / min(bare), len(records) / min(e2e)
+    return {
+        "params_m": params / 1e6,
+        "taps": [(t.name, t.channels, t.height, t.width) for t in encoder.taps_info],
+        "images": len(records),
+        "views": len(records) * views,
+        "resolution": resolution,
+        "batch": enc.batch_size,
+        "bare_img_s": bare_img_s,
+        "e2e_img_s": e2e_img_s,
+        "ratio": e2e_img_s / bare_img_s,
+        "bank_mb": summary.bytes_written / 1e6,
+        "mb_s": summary.bytes_written / 1e6 / min(e2e),
+        "repeats": repeats,
+        "busy": busy[e2e.index(min(e2e))],
+        "shard_rows": cfg.bank.shard_rows,
+        "load_avg": os.getloadavg()[0],
+        "device": str(encoder.device),
+    }
 
 
-def bench_adm(device: str) -> dict:
+def bench_adm(device: str, images: int, repeats: int) -> dict:
+    """ADM-256 facts (parameters, taps, bytes per view per codec) and its bare vs end-to-end throughput."""
     from bank.codecs import CODECS, make_codec
     from bank.spec import LevelSpec
-    from teachers.adm import ADMTeacher, adm_from_flags, adm_tap_shapes
-    from teachers.adm_presets import preset_flags
-    from teachers.encoding import TeacherEncoder, make_noise
+    from teachers.adm import adm_tap_shapes
 
-    flags = preset_flags("adm-256-uncond")
-    shapes = adm_tap_shapes("adm-256-uncond")
     bytes_per_view = {}
     for name in CODECS:
         codec = make_codec(name)
         total = 0
-        for tap in shapes:
+        for tap in adm_tap_shapes("adm-256-uncond"):
             level = LevelSpec(tap.name, tap.stride, tap.channels, tap.height, tap.width, name)
             for part in codec.parts(level).values():
                 total += math.prod(part.row_shape) * np.dtype(part.dtype).itemsize
         bytes_per_view[name] = total
-    torch.manual_seed(0)
-    teacher = ADMTeacher(adm_from_flags(flags), preset="adm-256-uncond").eval().requires_grad_(False)
-    params = sum(p.numel() for p in teacher.parameters())
-    dev = torch.device(device)
-    teacher.to(dev)
-    encoder = TeacherEncoder(
-        teacher, teacher.default_taps(), mode="noise", t=150, ddim_steps=1, resolution=256, device=dev,
-        dtype_name="bf16", channels_last=True,
-    )  # fmt: skip
-    batch = 1 if dev.type == "cpu" else 16
-    x0 = torch.rand(batch, 3, 256, 256, device=dev) * 2 - 1
-    eps = make_noise(list(range(batch)), [False] * batch, (3, 256, 256))
-    if dev.type == "cuda":
-        encoder(x0, eps)
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    encoder(x0, eps)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return {
-        "params_m": params / 1e6,
-        "taps": [(t.name, t.channels, t.height, t.width) for t in encoder.taps_info],
-        "forward_s": seconds,
-        "batch": batch,
-        "views_s": batch / seconds,
-        "bytes_per_view": bytes_per_view,
-        "device": str(dev),
-    }
+    on_gpu = device == "cuda"
+    with tempfile.TemporaryDirectory(prefix="bench-encode-adm-") as tmp_name:
+        tmp = Path(tmp_name)
+        make_images(tmp, images, 256)
+        # one view per image on CPU (a read-out is ~30 s there); the default 2 draws x 2 flips on a GPU
+        views = ("encode.draws=1", "encode.flips=none", f"bank.shard_rows={images}") if not on_gpu else ()
+        result = bench_end_to_end(
+            device, tmp, make_adm_teacher(tmp), 256, 16 if on_gpu else images, 1, repeats, views
+        )
+    result["bytes_per_view"] = bytes_per_view
+    return result
 
 
 def format_tables(unet: dict, adm: dict | None, machine: str) -> str:
@@ -233,12 +231,18 @@ def format_tables(unet: dict, adm: dict | None, machine: str) -> str:
             "|---|---|",
             f"| parameters | {adm['params_m']:.1f}M |",
             f"| taps | {taps} |",
-            f"| one read-out ({adm['device']}, batch {adm['batch']}) | {adm['forward_s']:.1f} s "
-            f"({adm['views_s']:.3f} views/s) |",
+            f"| images (views), batch (views), device | {adm['images']} ({adm['views']}), {adm['batch']}, "
+            f"{adm['device']} |",
+            f"| bare read-out | {adm['bare_img_s']:.4f} img/s ({adm['views'] / adm['images'] * adm['bare_img_s']:.4f}"
+            " views/s) |",
+            f"| end-to-end `run_encode` | {adm['e2e_img_s']:.4f} img/s (ratio **{adm['ratio']:.2f}**, teacher busy "
+            f"{adm['busy']:.0%}) |",
             f"| bytes per view (paper's taps) | {codec_bytes} |",
             "",
+            "ADM end to end: a random-weights state dict saved as guided-diffusion saves it and loaded by the `adm`",
+            "teacher (`weights_only=True`); on CPU one view per image (a read-out takes tens of seconds there).",
             "bitround stores float16 bits (same raw bytes as fp16); its gain needs a compressor (bank.compressor) and",
-            "depends on the data. End-to-end ADM throughput needs a GPU; none was lent for this run.",
+            "depends on the data.",
         ]
     return "\n".join(lines)
 
@@ -258,7 +262,9 @@ def write_docs(text: str) -> None:
 @click.option("--batch-size", default=8, show_default=True, help="Views per teacher forward.")
 @click.option("--num-workers", default=1, show_default=True, help="DataLoader decoding workers.")
 @click.option("--repeats", default=3, show_default=True, help="Alternating runs of each; the best is kept.")
-@click.option("--no-adm", is_flag=True, help="Skip the ADM-256 row.")
+@click.option("--no-adm", is_flag=True, help="Skip the ADM-256 rows.")
+@click.option("--adm-images", default=2, show_default=True, help="Images for the ADM-256 end-to-end run.")
+@click.option("--adm-repeats", default=1, show_default=True)
 @click.option(
     "--write-docs", "update_docs", is_flag=True, help="Replace the Encode section of docs/benchmarks.md."
 )
@@ -271,6 +277,8 @@ def main(
     num_workers: int,
     repeats: int,
     no_adm: bool,
+    adm_images: int,
+    adm_repeats: int,
     update_docs: bool,
     machine: str,
 ) -> None:
@@ -282,8 +290,12 @@ def main(
         machine = (
             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}"
         )
-    unet = bench_unet(device, images, resolution, batch_size, num_workers, repeats)
-    adm = None if no_adm else bench_adm(device)
+    with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp_name:
+        tmp = Path(tmp_name)
+        make_images(tmp, images, resolution)
+        teacher = make_unet_teacher(tmp, resolution)
+        unet = bench_end_to_end(device, tmp, teacher, resolution, batch_size, num_workers, repeats)
+    adm = None if no_adm else bench_adm(device, adm_images, adm_repeats)
     text = format_tables(unet, adm, machine)
     print(text)
     if update_docs:

@@ -30,6 +30,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+# Plain loading: the low-memory path needs `accelerate` (not a dependency) and would only warn without it.
+_LOAD = {"low_cpu_mem_usage": False}
+
+
 class DiffusersTeacher(Teacher):
     """Wraps a ``UNet2DModel`` and its DDPM noise schedule; converts the model's prediction type to epsilon."""
 
@@ -69,11 +73,11 @@ class DiffusersTeacher(Teacher):
         folder = Path(path).expanduser()
         if folder.is_dir():
             if (folder / "unet").is_dir() and (folder / "scheduler").is_dir():
-                unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+                unet = UNet2DModel.from_pretrained(folder, subfolder="unet", **_LOAD)
                 scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
                 weights_dir = folder / "unet"
             elif (folder / "config.json").is_file() and (folder / "scheduler_config.json").is_file():
-                unet = UNet2DModel.from_pretrained(folder)
+                unet = UNet2DModel.from_pretrained(folder, **_LOAD)
                 scheduler = DDPMScheduler.from_pretrained(folder)
                 weights_dir = folder
             else:
@@ -94,7 +98,7 @@ class DiffusersTeacher(Teacher):
         errors = []
         for subfolders in (("unet", "scheduler"), (None, None)):  # pipeline layout, then bare layout
             try:
-                unet = UNet2DModel.from_pretrained(path, subfolder=subfolders[0])
+                unet = UNet2DModel.from_pretrained(path, subfolder=subfolders[0], **_LOAD)
                 scheduler = DDPMScheduler.from_pretrained(path, subfolder=subfolders[1])
             except OSError as err:  # diffusers reports a missing file / unreachable hub as OSError
                 errors.append(f"{'pipeline' if subfolders[0] else 'bare'} layout: {err}")
