@@ -107,6 +107,13 @@ class DetectionConfig:
     filter_empty_train: bool = True
     """Drop training images without (non-crowd) instances, as detectron2 does; evaluation keeps every image."""
     detections_per_img: int = 100
+    rpn_post_nms_top_n_train: int = 2000
+    """Proposals kept per image after the RPN's NMS in training (torchvision / detectron2: 2000)."""
+    rpn_post_nms_top_n_test: int = 1000
+    """The same at evaluation (torchvision / detectron2: 1000)."""
+    box_batch_size_per_image: int = 512
+    """RoIs sampled per image for the box and mask heads' loss (torchvision / detectron2: 512). Small images with
+    a few objects need far fewer; the head's cost grows with it."""
     box_head_dim: int = 1024
     """Hidden size of the box head's two FC layers (torchvision / detectron2: 1024)."""
     mask_head_channels: int = 256

@@ -54,4 +54,9 @@ def build_mask_rcnn(body: Backbone, num_classes: int, cfg: DetectionConfig) -> M
         max_size=cfg.max_size,
         rpn_anchor_generator=anchors,
         box_detections_per_img=cfg.detections_per_img,
+        rpn_pre_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
     )
