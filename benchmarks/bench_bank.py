@@ -289,7 +289,7 @@ def reader_table(
         f"Project reader = {zarr_ratio:.1f}x zarr-python per-row reads, "
         f"{results[PROJECT] / results[CEILING]:.0%} of the same-rows ceiling and "
         f"{results[PROJECT] / results[CEILING_FILES]:.0%} of the whole-file ceiling. Best of 5 runs each "
-        "(the machine is shared: runs vary by up to ~2x)."
+        "(runs vary by up to ~2x on a busy machine)."
         "\n\nCeiling (a) reads exactly the bytes the project reader reads (the sampler's rows) with one `preadv` "
         "per chunk into a reused buffer, descriptors and shard indexes opened beforehand: the fair ceiling. "
         "Ceiling (b) reads every shard file whole and sequentially and divides by all views (more bytes than an "
@@ -325,7 +325,10 @@ def main() -> None:
     teacher, teacher_label = load_teacher(args.teacher)
     images = real_images(teacher.resolution, args.crops)
     feats = encode_features(teacher, images, args.t, draws=2)
-    machine = f"{platform.machine()} {os.cpu_count()}-core CPU, no GPU, shared with other jobs; 1 thread"
+    machine = (
+        f"{platform.machine()} {os.cpu_count()}-core CPU, no GPU, 1-min load average {os.getloadavg()[0]:.1f} "
+        "at the start; 1 thread"
+    )
     views = next(iter(feats.values())).shape[0]
     workdir = Path(tempfile.mkdtemp(prefix="bench-bank-"))
     try:

@@ -211,7 +211,7 @@ def format_tables(unet: dict, adm: dict | None, machine: str) -> str:
         "End-to-end = `run_encode` in-process (`--no-dask`): listing, decoding in DataLoader workers, noise, teacher,",
         "int8 codec, Zarr writes, done markers, summary; draws=2, flips=both (4 views per image), T=150. Bare =",
         f"the same read-outs on pre-decoded batches of the same composition. Best of {unet['repeats']} alternating",
-        f"runs each (shared machine); bank.shard_rows={unet['shard_rows']}. Teacher busy = share of the end-to-end",
+        f"runs each (runs vary on a busy machine); bank.shard_rows={unet['shard_rows']}. Teacher busy = share of the end-to-end",
         "wall time spent inside the teacher read-out: the rest (listing, bank creation, the last shard's write) is",
         "what overlap cannot hide. On a 2-core CPU the decode worker and the writer thread also take cores from",
         "the teacher's own threads, which a GPU run does not suffer. Target ratio >= 0.90: "
