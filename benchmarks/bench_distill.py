@@ -165,7 +165,7 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     return (
         f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        "no GPU; shared with other jobs while measured"
+        f"no GPU; 1-min load average {os.getloadavg()[0]:.1f} at the end"
     )
 
 
