@@ -91,7 +91,7 @@ def test_segmentation_steps_reduce_the_loss():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.95 * losses[0]
 
 
