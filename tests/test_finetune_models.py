@@ -98,7 +98,7 @@ def test_segmentation_steps_reduce_the_loss():
 def test_all_ignored_batch_gives_zero_loss_not_nan():
     model = UperNet(Backbone("resnet18"), 3, TINY_HEAD).train()
     losses = model.loss(model(torch.randn(2, 3, 32, 32)), torch.full((2, 32, 32), 255))
-    assert all(float(v) == 0.0 for v in losses.values())
+    assert all(v.item() == 0.0 for v in losses.values())
 
 
 def _det_batch():
@@ -131,7 +131,7 @@ def test_detection_steps_reduce_the_loss_with_an_empty_target():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0]
 
 
@@ -139,5 +139,5 @@ def test_detection_batch_of_only_empty_targets():
     model = build_mask_rcnn(Backbone("resnet18"), 2, TINY_DET).train()
     _, targets = _det_batch()
     losses = model([torch.rand(3, 64, 64)], [targets[1]])
-    assert torch.isfinite(sum(losses.values())) and float(losses["loss_mask"]) == 0.0
+    assert torch.isfinite(sum(losses.values())) and losses["loss_mask"].item() == 0.0
     sum(losses.values()).backward()
