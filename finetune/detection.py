@@ -15,7 +15,7 @@ from tqdm import tqdm
 from finetune.backbone import apply_norm, build_backbone
 from finetune.coco import CocoInstances, collate, evaluate_coco, to_coco_results, write_results
 from finetune.config import FinetuneConfig
-from finetune.engine import MetricsLog, StepBatchSampler, load_checkpoint, train_loop, unwrap
+from finetune.engine import MetricsLog, StepBatchSampler, resume_step, train_loop, unwrap
 from finetune.heads.maskrcnn import build_mask_rcnn
 from finetune.optim import build_optimizer
 from finetune.report import palette, save_panels, write_summary
@@ -108,14 +108,9 @@ def run_detection(
     model = build_mask_rcnn(backbone, len(train_set.cat_ids), det).to(runtime.device)
     optimizer = build_optimizer(model, det.optim)
     checkpoint = out_dir / "checkpoint.pt"
-    start = (
-        load_checkpoint(checkpoint, model, None if eval_only else optimizer) if (resume or eval_only) else 0
-    )
+    start = resume_step(checkpoint, model, optimizer, resume=resume, eval_only=eval_only)
     total = total_steps(det.schedule, det.iters, len(train_set), cfg.batch_size)
-    train_model: nn.Module = model
-    if runtime.distributed:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    train_model = runtime.wrap(model)
     log = MetricsLog(out_dir, runtime.is_main)
     per_rank_batch = max(1, cfg.batch_size // runtime.world_size)
 

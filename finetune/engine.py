@@ -100,6 +100,15 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return int(state["step"])
 
 
+def resume_step(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, resume: bool, eval_only: bool
+) -> int:
+    """Step to start from: 0 for a new run; else the checkpoint's (optimizer restored only to keep training)."""
+    if not (resume or eval_only):
+        return 0
+    return load_checkpoint(path, model, None if eval_only else optimizer)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass
@@ -40,6 +41,13 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to train: DDP around ``model`` under torchrun, ``model`` itself otherwise."""
+        if not self.distributed:
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from finetune.ade20k import ade20k_class_names, ade20k_pairs
 from finetune.backbone import apply_norm, build_backbone
 from finetune.config import FinetuneConfig, SegEvalConfig
-from finetune.engine import MetricsLog, StepBatchSampler, load_checkpoint, train_loop, unwrap
+from finetune.engine import MetricsLog, StepBatchSampler, resume_step, train_loop, unwrap
 from finetune.fewshot import fewshot_class_names, fewshot_pairs
 from finetune.heads.upernet import UperNet
 from finetune.metrics import ConfusionMatrix, per_class_table
@@ -147,13 +147,8 @@ def run_segmentation(
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, seg.optim)
     checkpoint = out_dir / "checkpoint.pt"
-    start = (
-        load_checkpoint(checkpoint, model, None if eval_only else optimizer) if (resume or eval_only) else 0
-    )
-    train_model: nn.Module = model
-    if runtime.distributed:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    start = resume_step(checkpoint, model, optimizer, resume=resume, eval_only=eval_only)
+    train_model = runtime.wrap(model)
     log = MetricsLog(out_dir, runtime.is_main)
 
     def evaluate(step: int) -> dict[str, object]:
