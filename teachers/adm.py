@@ -15,7 +15,6 @@ with its noise schedule as a :class:`teachers.base.Teacher`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -455,7 +454,6 @@ class ADMTeacher(Teacher):
         class_label: int | None = None,
         checkpoint: str = "",
         preset: str = "",
-        weights_sha256: str = "",
     ) -> None:
         super().__init__()
         flags = unet.flags
@@ -475,7 +473,7 @@ class ADMTeacher(Teacher):
         self.class_label = class_label
         self.checkpoint = checkpoint
         self.preset = preset
-        self.weights_sha256 = weights_sha256
+        self.weight_files = (Path(checkpoint),) if checkpoint else ()
         self.register_buffer(
             "alphas_cumprod",
             make_alphas_cumprod(flags.noise_schedule, flags.diffusion_steps),
@@ -518,9 +516,7 @@ class ADMTeacher(Teacher):
             )
         # 2. load the original names as they are
         unet.load_state_dict(state)
-        return cls(
-            unet, class_label=class_label, checkpoint=str(path), preset=preset, weights_sha256=_sha256(path)
-        )
+        return cls(unet, class_label=class_label, checkpoint=str(path), preset=preset)
 
     @property
     def tap_root(self) -> nn.Module:
@@ -545,14 +541,6 @@ class ADMTeacher(Teacher):
             "class_label": self.class_label,
             "weights_sha256": self.weights_sha256,
         }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def adm_tap_shapes(preset_or_flags: str | ADMFlags | Mapping[str, Any]) -> list[TapInfo]:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
+import hashlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +58,14 @@ class Teacher(nn.Module, metaclass=abc.ABCMeta):
 
     resolution: int
     alphas_cumprod: torch.Tensor
+    weight_files: tuple[Path, ...] = ()
+    """Files the weights were loaded from (empty: built in memory, e.g. a hub download or a test model)."""
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """sha256 of the weight files, else of the in-memory state dict. Computed on first use: encode workers
+        never record provenance, so they do not re-read a multi-GB checkpoint just to hash it."""
+        return files_sha256(self.weight_files) if self.weight_files else state_dict_sha256(self)
 
     @property
     @abc.abstractmethod
@@ -83,6 +94,26 @@ class Teacher(nn.Module, metaclass=abc.ABCMeta):
 
     def module_paths(self) -> list[str]:
         return [name for name, _ in self.tap_root.named_modules() if name]
+
+
+def files_sha256(files: Sequence[Path]) -> str:
+    """sha256 over the files' bytes in the given order (for one file: what ``sha256sum FILE`` prints)."""
+    digest = hashlib.sha256()
+    for file in files:
+        with Path(file).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (name, dtype, shape, bytes, in key order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class FeatureTaps:

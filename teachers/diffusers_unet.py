@@ -13,7 +13,7 @@ diffusers is imported only when a teacher is loaded, so configs and the CLI stay
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,12 @@ class DiffusersTeacher(Teacher):
     """Wraps a ``UNet2DModel`` and its DDPM noise schedule; converts the model's prediction type to epsilon."""
 
     def __init__(
-        self, unet: UNet2DModel, scheduler: SchedulerMixin, *, path: str = "", weights_sha256: str = ""
+        self,
+        unet: UNet2DModel,
+        scheduler: SchedulerMixin,
+        *,
+        path: str = "",
+        weight_files: Sequence[Path] = (),
     ) -> None:
         super().__init__()
         if unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None:
@@ -58,7 +63,7 @@ class DiffusersTeacher(Teacher):
         self.prediction_type = prediction_type
         self.path = path
         self.scheduler_config = dict(scheduler.config)
-        self.weights_sha256 = weights_sha256 or _state_dict_sha256(unet)
+        self.weight_files = tuple(weight_files)
         # The schedule the model was trained with: diffusers computes it in float32 (DDPMScheduler.add_noise uses
         # exactly these values); stored as float64 like every teacher's buffer.
         self.register_buffer(
@@ -85,7 +90,7 @@ class DiffusersTeacher(Teacher):
                     f"teacher.path {str(folder)!r} is neither a pipeline folder (unet/ + scheduler/) nor a UNet "
                     "folder with config.json and scheduler_config.json; save the teacher with save_pretrained"
                 )
-            return cls(unet, scheduler, path=str(folder), weights_sha256=_files_sha256(weights_dir))
+            return cls(unet, scheduler, path=str(folder), weight_files=_weight_files(weights_dir))
         if folder.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
             raise FileNotFoundError(
                 f"teacher.path {path!r} does not exist (and is not a hub id 'owner/name')"
@@ -178,25 +183,9 @@ class DiffusersTeacher(Teacher):
         }
 
 
-def _files_sha256(folder: Path) -> str:
-    """sha256 over the weight files of a save_pretrained folder (sorted by name; name and bytes hashed)."""
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files of a save_pretrained folder, sorted by name."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with file.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _state_dict_sha256(module: nn.Module) -> str:
-    """sha256 of an in-memory model's parameters and buffers (name, dtype, shape, bytes in key order)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return files

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -205,3 +206,12 @@ def test_fixture_under_fp16_and_bf16_autocast_stays_close() -> None:
         with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
             out = teacher.unet(x, t)
         assert _rel_err(out.float().cpu(), expected["model_output"]) <= tol
+
+
+def test_weights_sha256_is_the_checkpoints_sha256sum_and_computed_on_first_use() -> None:
+    teacher, _ = _load("adm-tiny-heads")
+    assert "weights_sha256" not in teacher.__dict__  # loading alone does not hash the file
+    expected = hashlib.sha256((DATA / "adm-tiny-heads" / "model.pt").read_bytes()).hexdigest()
+    assert teacher.identity()["weights_sha256"] == expected
+    in_memory = ADMTeacher(adm_from_flags(json.loads((DATA / "adm-tiny-heads" / "flags.json").read_text())))
+    assert len(in_memory.weights_sha256) == 64 and in_memory.weights_sha256 != expected
