@@ -137,10 +137,23 @@ def build_schedule(
 
 
 def build_optimizer(net: torch.nn.Module, dcfg: DistillConfig) -> torch.optim.Optimizer:
-    """AdamW or LAMB from timm; norms and biases (1-D parameters) get no weight decay."""
+    """AdamW or LAMB from timm; norms and biases (1-D parameters) get no weight decay.
+
+    timm's ``adamw`` is torch's AdamW; it gets the fused kernel (one pass over all tensors, ~4x faster than the
+    per-tensor loop torch defaults to on CPU). timm's LAMB has no fused form.
+    """
     o = dcfg.optim
+    extra = {}
+    if o.name == "adamw" and all(p.device.type in ("cpu", "cuda") for p in net.parameters()):
+        extra["fused"] = True
     return create_optimizer_v2(
-        net, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), filter_bias_and_bn=True
+        net,
+        opt=o.name,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        betas=tuple(o.betas),
+        filter_bias_and_bn=True,
+        **extra,
     )
 
 
