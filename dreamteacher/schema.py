@@ -124,8 +124,11 @@ class DemoConfig:
     use_dask: bool = False
     """Encode through a local dask cluster (as real runs do); off by default: on one CPU it only adds start-up."""
     cpu_threads: int = 0
-    """torch intra-op threads for the whole demo on CPU (0 = torch's default). 1 is faster on a CPU shared with
-    other jobs: two processes with two spinning threads each on two cores slow each other down several-fold."""
+    """torch intra-op threads on CPU (0 = torch's default for encode and distill, cores / parallel_runs for each
+    fine-tuning run). 1 is faster on a CPU shared with other jobs: two processes with two spinning threads each on
+    two cores slow each other down several-fold."""
+    parallel_runs: int = 0
+    """Fine-tuning runs at once, each in its own process (0 = one per CPU core on CPU, one at a time on CUDA)."""
     sizes: dict[str, DemoSizeConfig] = field(default_factory=_demo_sizes)
 
 
