@@ -100,37 +100,49 @@ def _finished(folder: Path) -> dict[str, Any] | None:
     return json.loads(results.read_text())["metrics"] if results.is_file() else None
 
 
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    """Mean and sample std (0 for one value)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"values": values, "mean": statistics.fmean(values), "std": std}
+
+
 def summarise(runs: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
-    """Results table rows: per task metric and init, mean and std over seeds (std = 0 for one seed)."""
+    """Results table rows: per task metric and init, mean and std over seeds; and the paired difference.
+
+    A seed fixes the head's initialisation and the data order for both inits, so distilled - random per seed
+    is the paired effect of distillation; its std over seeds is the spread of that effect.
+    """
     rows = []
     for task, (_, metrics) in TASKS.items():
         for key, label in metrics:
             row: dict[str, Any] = {"task": task, "metric": key, "label": label}
+            per_seed = {
+                init: {s: float(m[key]) for (t, i, s), m in runs.items() if t == task and i == init}
+                for init in INITS
+            }
             for init in INITS:
-                values = [float(m[key]) for (t, i, _), m in sorted(runs.items()) if t == task and i == init]
-                row[init] = {
-                    "values": values,
-                    "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                }
-            row["delta"] = row["distilled"]["mean"] - row["random"]["mean"]
+                row[init] = _mean_std([v for _, v in sorted(per_seed[init].items())])
+            paired = sorted(per_seed["distilled"].keys() & per_seed["random"].keys())
+            diffs = _mean_std([per_seed["distilled"][s] - per_seed["random"][s] for s in paired])
+            row["delta"], row["delta_std"] = diffs["mean"], diffs["std"]
             rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]], seeds: int) -> str:
-    head = f"{'metric':<26} {'distilled':>16} {'random init':>16} {'delta':>8}"
-    lines = [f"Results over {seeds} seed(s) (mean +- std):", head, "-" * len(head)]
+    head = f"{'metric':<26} {'distilled':>16} {'random init':>16} {'paired delta':>16}"
+    lines = [f"Results over {seeds} seed(s) (mean +- std; delta = distilled - random, per seed):", head,
+             "-" * len(head)]  # fmt: skip
     for r in rows:
         d, n = r["distilled"], r["random"]
         lines.append(
             f"{r['label']:<26} {d['mean']:>8.2f} +- {d['std']:<5.2f} {n['mean']:>8.2f} +- {n['std']:<5.2f} "
-            f"{r['delta']:>+8.2f}"
+            f"{r['delta']:>+8.2f} +- {r['delta_std']:.2f}"
         )
     return "\n".join(lines)
 
 
-def _finetune_one(cfg: PipelineConfig, threads: int) -> dict[str, Any]:
+def _finetune_one(cfg: PipelineConfig, threads: int, progress: bool = False) -> dict[str, Any]:
     """One fine-tuning run (resumed when it left a checkpoint); also the entry point of a pool process."""
     import torch
 
@@ -139,7 +151,7 @@ def _finetune_one(cfg: PipelineConfig, threads: int) -> dict[str, Any]:
     if threads > 0:
         torch.set_num_threads(threads)
     folder = Path(cfg.finetune.out) / cfg.finetune.exp
-    return run_finetune(cfg, resume=(folder / "checkpoint.pt").is_file(), progress=False)
+    return run_finetune(cfg, resume=(folder / "checkpoint.pt").is_file(), progress=progress)
 
 
 def parallel_runs(demo: DemoConfig, device: str, pending: int) -> tuple[int, int]:
@@ -180,10 +192,11 @@ def finetune_all(
     bar.set_postfix_str(f"{workers} at once x {threads or 'default'} thread(s)")
     if workers == 1:
         for key, ft_cfg in pending.items():
-            runs[key] = _finetune_one(ft_cfg, threads)
+            runs[key] = _finetune_one(ft_cfg, threads, progress)
             bar.update()
     else:
         # Fresh interpreters (spawn): forking a process that already runs torch's thread pools is unsafe.
+        # The runs' own step bars are off here (several would overwrite each other); this bar counts runs.
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         with pool:
             futures = {pool.submit(_finetune_one, ft_cfg, threads): key for key, ft_cfg in pending.items()}

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dreamteacher import demo_data
-from dreamteacher.demo import derive, format_table, plan_demo, run_demo, summarise
+from dreamteacher.demo import derive, format_table, parallel_runs, plan_demo, run_demo, summarise
 from dreamteacher.probe import STRIDE, linear_probe_miou
-from dreamteacher.schema import load_pipeline
+from dreamteacher.schema import DemoConfig, load_pipeline
 
 SHIPPED_TEACHER = Path("assets/demo-teacher")
 
@@ -93,8 +93,9 @@ def test_results_table_mean_and_std() -> None:
     miou = rows[0]
     assert miou["distilled"]["mean"] == 52.0 and miou["random"]["mean"] == 41.0 and miou["delta"] == 11.0
     assert miou["distilled"]["std"] == pytest.approx(math.sqrt(8.0))  # sample std of (50, 54)
+    assert miou["delta_std"] == pytest.approx(math.sqrt(2.0))  # per-seed differences (10, 12)
     text = format_table(rows, 2)
-    assert "52.00 +- 2.83" in text and "+11.00" in text
+    assert "52.00 +- 2.83" in text and "+11.00 +- 1.41" in text
 
 
 def test_shipped_teacher_is_complete() -> None:
@@ -117,3 +118,12 @@ def test_linear_probe_scores_separable_and_uninformative_features() -> None:
     assert linear_probe_miou(onehot[:4], labels[:4], onehot[4:], labels[4:], 3) == pytest.approx(100.0)
     noise = torch.randn(onehot.shape, generator=gen)
     assert linear_probe_miou(noise[:4], labels[:4], noise[4:], labels[4:], 3) < 60.0
+
+
+def test_parallel_runs_split_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+    assert parallel_runs(DemoConfig(), "cpu", pending=12) == (4, 1)  # one run per core, one thread each
+    assert parallel_runs(DemoConfig(), "cpu", pending=2) == (2, 2)  # fewer runs than cores: more threads each
+    assert parallel_runs(DemoConfig(parallel_runs=1), "cpu", pending=12) == (1, 4)
+    assert parallel_runs(DemoConfig(cpu_threads=1, parallel_runs=2), "cpu", pending=12) == (2, 1)
+    assert parallel_runs(DemoConfig(), "cuda", pending=12) == (1, 0)  # GPU: in turn, torch's thread default
