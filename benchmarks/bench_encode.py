@@ -81,6 +81,7 @@ def bench_end_to_end(
     num_workers: int,
     repeats: int,
     extra: tuple[str, ...] = (),
+    cpu_threads: int = 0,
 ) -> dict:
     """Bare teacher read-out vs ``run_encode`` on the images in ``tmp/images``, best of ``repeats`` each."""
     from dreamteacher.images import list_images, load_image, to_model_range
@@ -99,6 +100,7 @@ def bench_end_to_end(
             f"encode.batch_size={batch_size}",
             f"encode.num_workers={num_workers}",
             f"encode.device={device}",
+            f"encode.cpu_threads={cpu_threads}",
             "bank.codec=int8",
             *extra,
         ],
@@ -166,6 +168,7 @@ def bench_end_to_end(
         "shard_rows": cfg.bank.shard_rows,
         "load_avg": os.getloadavg()[0],
         "device": str(encoder.device),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -197,30 +200,35 @@ def bench_adm(device: str, images: int, repeats: int) -> dict:
     return result
 
 
-def format_tables(unet: dict, adm: dict | None, machine: str) -> str:
+def format_tables(unets: list[dict], adm: dict | None, machine: str) -> str:
+    unet = unets[0]
     lines = [
         f"Machine: {machine}.",
         "",
-        "| teacher | params | images (views) | res | batch (views) | bare read-out img/s | end-to-end img/s "
-        "| ratio | teacher busy | bank MB | MB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| UNet2DModel (64,128,256,256), random init | {unet['params_m']:.1f}M | {unet['images']} ({unet['views']}) "
-        f"| {unet['resolution']} | {unet['batch']} | {unet['bare_img_s']:.2f} | {unet['e2e_img_s']:.2f} "
-        f"| **{unet['ratio']:.2f}** | {unet['busy']:.0%} | {unet['bank_mb']:.1f} | {unet['mb_s']:.2f} |",
+        "| teacher | params | teacher threads | images (views) | res | batch (views) | bare read-out img/s "
+        "| end-to-end img/s | ratio | teacher busy | bank MB | MB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(
+            f"| UNet2DModel (64,128,256,256), random init | {u['params_m']:.1f}M | {u['threads']} "
+            f"| {u['images']} ({u['views']}) | {u['resolution']} | {u['batch']} | {u['bare_img_s']:.2f} "
+            f"| {u['e2e_img_s']:.2f} | **{u['ratio']:.2f}** | {u['busy']:.0%} | {u['bank_mb']:.1f} "
+            f"| {u['mb_s']:.2f} |"
+            for u in unets
+        ),
         "",
         "End-to-end = `run_encode` in-process (`--no-dask`): listing, decoding in DataLoader workers, noise, teacher,",
         "int8 codec, Zarr writes, done markers, summary; draws=2, flips=both (4 views per image), T=150. Bare =",
         f"the same read-outs on pre-decoded batches of the same composition. Best of {unet['repeats']} alternating",
-        f"runs each (runs vary on a busy machine); bank.shard_rows={unet['shard_rows']}. Teacher busy = share of the end-to-end",
-        "wall time spent inside the teacher read-out: the rest (listing, bank creation, the last shard's write) is",
-        "what overlap cannot hide. On a 2-core CPU the decode worker and the writer thread also take cores from",
-        "the teacher's own threads, which a GPU run does not suffer. Target ratio >= 0.90: "
-        + (
-            "met."
-            if unet["ratio"] >= 0.9
-            else f"not met on this machine (1-min load average {unet['load_avg']:.1f}"
-            " on 2 cores at the end of the runs)."
-        ),
+        f"runs each (runs vary on a busy machine); bank.shard_rows={unet['shard_rows']}. Teacher busy = share of the",
+        "end-to-end wall time spent inside the teacher read-out: the rest (listing, bank creation, the last shard's",
+        "write) is what overlap cannot hide. Teacher threads = torch intra-op threads of the teacher (encode.cpu_threads)",
+        "in both columns. When the teacher's threads take every core, the decode worker and the writer can only run",
+        "by taking cores from it; with a core left free they run beside it, as the host CPU runs them beside a GPU.",
+        "Target ratio >= 0.90: "
+        + ", ".join(
+            f"{u['threads']} teacher thread(s) {'met' if u['ratio'] >= 0.9 else 'not met'}" for u in unets
+        )
+        + f" (1-min load average {unet['load_avg']:.1f} at the end of the first row's runs).",
     ]
     if adm:
         taps = ", ".join(f"{n} {c}x{h}x{w}" for n, c, h, w in adm["taps"])
@@ -269,6 +277,13 @@ def write_docs(text: str) -> None:
     "--write-docs", "update_docs", is_flag=True, help="Replace the Encode section of docs/benchmarks.md."
 )
 @click.option("--machine", default="", help="Machine description for the docs (default: detected).")
+@click.option(
+    "--cpu-threads",
+    "thread_counts",
+    default="0",
+    show_default=True,
+    help="Comma-separated teacher thread counts (encode.cpu_threads), one UNet row each; 0 = torch's default.",
+)
 def main(
     device: str,
     images: int,
@@ -281,22 +296,29 @@ def main(
     adm_repeats: int,
     update_docs: bool,
     machine: str,
+    thread_counts: str,
 ) -> None:
     """Encode throughput vs bare teacher throughput; ADM-256 facts."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not machine:
         gpu = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU"
-        machine = (
-            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}"
-        )
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}"
+    default_threads = torch.get_num_threads()
+    unets = []
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp_name:
         tmp = Path(tmp_name)
         make_images(tmp, images, resolution)
         teacher = make_unet_teacher(tmp, resolution)
-        unet = bench_end_to_end(device, tmp, teacher, resolution, batch_size, num_workers, repeats)
+        for threads in (int(t) for t in thread_counts.split(",")):
+            unets.append(
+                bench_end_to_end(
+                    device, tmp, teacher, resolution, batch_size, num_workers, repeats, (), threads
+                )
+            )
+            torch.set_num_threads(default_threads)  # encode.cpu_threads is process-wide
     adm = None if no_adm else bench_adm(device, adm_images, adm_repeats)
-    text = format_tables(unet, adm, machine)
+    text = format_tables(unets, adm, machine)
     print(text)
     if update_docs:
         write_docs(text)
