@@ -257,7 +257,8 @@ def run_teacher_training(
     if device.type == "cuda" and tc.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     scheduler = build_scheduler(tc)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # fused: one kernel over all tensors (torch loops over them one by one on CPU otherwise; ~4x slower)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.steps)
     ema = EMAModel(unet.parameters(), decay=tc.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
     state = TrainState(unet=unet, ema=ema, optimizer=optimizer, lr_schedule=lr_schedule)
