@@ -66,7 +66,7 @@ class TeacherTrainConfig:
     norm_num_groups: int = 8
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "squaredcos_cap_v2"] = "linear"
-    steps: int = 1200
+    steps: int = 10000
     """Optimiser steps."""
     batch_size: int = 16
     lr: float = 1e-3
@@ -74,7 +74,7 @@ class TeacherTrainConfig:
     """Linear warm-up, then cosine decay to zero at ``steps``."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.99
+    ema_decay: float = 0.999
     """EMA of the weights; the EMA weights are what ``pipeline/`` ships."""
     seed: int = 0
     checkpoint_every: int = 100
