@@ -2,7 +2,7 @@
 
 Table 1: a mid-size random-init diffusers UNet2DModel (~25M parameters). Bare teacher read-out (noise + one UNet
 pass with the taps hooked, on pre-decoded batches) vs the end-to-end ``run_encode`` (listing, decoding in
-DataLoader workers, noise, teacher, codecs, Zarr writes, done markers, summary) on the same images, batches and
+decoding workers, noise, teacher, codecs, Zarr writes, done markers, summary) on the same images, batches and
 device. Target: end-to-end / bare >= 0.90.
 
 Table 2: the paper's teacher, ADM-256 (preset adm-256-uncond, random weights, loaded from a guided-diffusion-format
@@ -216,7 +216,7 @@ def format_tables(unets: list[dict], adm: dict | None, machine: str) -> str:
             for u in unets
         ),
         "",
-        "End-to-end = `run_encode` in-process (`--no-dask`): listing, decoding in DataLoader workers, noise, teacher,",
+        "End-to-end = `run_encode` in-process (`--no-dask`): listing, decoding in worker processes, noise, teacher,",
         "int8 codec, Zarr writes, done markers, summary; draws=2, flips=both (4 views per image), T=150. Bare =",
         f"the same read-outs on pre-decoded batches of the same composition. Best of {unet['repeats']} alternating",
         f"runs each (runs vary on a busy machine); bank.shard_rows={unet['shard_rows']}. Teacher busy = share of the",
@@ -268,7 +268,9 @@ def write_docs(text: str) -> None:
 @click.option("--images", default=32, show_default=True)
 @click.option("--resolution", default=32, show_default=True)
 @click.option("--batch-size", default=8, show_default=True, help="Views per teacher forward.")
-@click.option("--num-workers", default=1, show_default=True, help="DataLoader decoding workers.")
+@click.option(
+    "--num-workers", default=1, show_default=True, help="Decoding worker processes (encode.num_workers)."
+)
 @click.option("--repeats", default=3, show_default=True, help="Alternating runs of each; the best is kept.")
 @click.option("--no-adm", is_flag=True, help="Skip the ADM-256 rows.")
 @click.option("--adm-images", default=2, show_default=True, help="Images for the ADM-256 end-to-end run.")

@@ -33,9 +33,9 @@ class EncodeConfig:
     batch_size: int = 32
     """Rows (views) per teacher forward, rounded down to whole images (each image gives draws x flip views)."""
     num_workers: int = 4
-    """DataLoader workers decoding images (per shard task)."""
+    """Decoding processes per encode worker process (started once, shared by its shard tasks)."""
     prefetch_factor: int = 2
-    """Batches each DataLoader worker decodes ahead of the teacher."""
+    """Batches each decoding process decodes ahead of the teacher."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N. Under dask each worker sees its own GPU as cuda:0."""
     workers: int = 0

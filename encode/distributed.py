@@ -61,7 +61,7 @@ def local_cluster(workers: int, tasks_per_worker: int) -> Iterator[str]:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
             options["resources"] = {"GPU": 1}
         specs[f"encode-{i}"] = {"cls": Nanny, "options": options}
-    # DataLoader workers are child processes: a daemonic dask worker may not have children.
+    # Decoding workers are child processes: a daemonic dask worker may not have children.
     with dask.config.set({"distributed.worker.daemon": False}):
         scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False}}
         with SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.WARNING) as cluster:

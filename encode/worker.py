@@ -23,7 +23,7 @@ import torch
 from bank import BankSpec, BankWriter, ShardRows
 from bank.config import BankConfig
 from dreamteacher.config import to_dict
-from dreamteacher.images import ImageRecord, make_image_loader, to_model_range
+from dreamteacher.images import DecodePool, ImageRecord, to_model_range
 from teachers import build_teacher, resolve_taps
 from teachers.config import TeacherConfig
 from teachers.encoding import TeacherEncoder, make_noise, row_seed
@@ -101,6 +101,7 @@ class ShardStats:
 _CACHE_LOCK = threading.Lock()
 _ENCODERS: dict[str, tuple[TeacherEncoder, threading.Lock]] = {}
 _WRITERS: dict[tuple[str, str], BankWriter] = {}
+_DECODERS: dict[tuple[int, int], DecodePool] = {}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -153,11 +154,23 @@ def get_writer(path: str, spec: BankSpec, bank_cfg: BankConfig) -> BankWriter:
         return _WRITERS[key]
 
 
+def get_decoder(num_workers: int, prefetch_factor: int) -> DecodePool:
+    """The process's decoding workers (started on first use, shared by its task threads, kept across shards)."""
+    key = (num_workers, prefetch_factor)
+    with _CACHE_LOCK:
+        if key not in _DECODERS or _DECODERS[key].broken:
+            _DECODERS[key] = DecodePool(num_workers, prefetch_factor)
+        return _DECODERS[key]
+
+
 def clear_caches() -> None:
-    """Drop cached encoders and writers (tests; a process switching banks)."""
+    """Drop cached encoders, writers and decoding workers (tests; a process switching banks)."""
     with _CACHE_LOCK:
         _ENCODERS.clear()
         _WRITERS.clear()
+        for decoder in _DECODERS.values():
+            decoder.close()
+        _DECODERS.clear()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -167,7 +180,7 @@ def _loader_workers(requested: int) -> int:
     if requested > 0 and multiprocessing.current_process().daemon:
         log.warning(
             "this process is daemonic (a dask worker started with distributed.worker.daemon=True) and cannot start "
-            "DataLoader workers; decoding in-process. Start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False."
+            "decoding workers; decoding in-process. Start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False."
         )
         return 0
     return requested
@@ -206,17 +219,10 @@ def encode_shard(task: ShardTask) -> ShardStats:
     )
     ok = np.zeros(n_rows, bool)
 
-    # 3. Decode in DataLoader workers (prefetching) while this thread feeds the teacher.
+    # 3. Decode in the process's worker pool (prefetching) while this thread feeds the teacher.
     images_per_batch = max(1, settings.batch_size // views)
-    loader = make_image_loader(
-        task.records,
-        res,
-        images_per_batch,
-        num_workers=min(_loader_workers(settings.num_workers), len(task.records)),
-        prefetch_factor=settings.prefetch_factor,
-        pin_memory=device.type == "cuda",
-    )
-    for batch in loader:
+    decoder = get_decoder(_loader_workers(settings.num_workers), settings.prefetch_factor)
+    for batch in decoder.batches(task.records, res, images_per_batch, pin_memory=device.type == "cuda"):
         # 3a. Rejected images: recorded, rows stay zero.
         for key, good, reason in zip(batch["key"], batch["ok"].tolist(), batch["reason"], strict=True):
             if not good:

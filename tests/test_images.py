@@ -14,12 +14,12 @@ from PIL import Image
 from dreamteacher.config import ConfigError
 from dreamteacher.datasets import DatasetConfig
 from dreamteacher.images import (
+    DecodePool,
     ImageRecord,
     center_crop_resize,
     keys_sha256,
     list_images,
     load_image,
-    make_image_loader,
     to_model_range,
 )
 
@@ -127,18 +127,30 @@ def test_corrupt_files_are_rejects_with_reasons(tmp_path: Path) -> None:
     assert image_u8 is None and reason.startswith("FileNotFoundError")
 
 
-def test_loader_with_workers_keeps_order_and_flags_rejects(tmp_path: Path) -> None:
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_decode_pool_keeps_order_and_flags_rejects(tmp_path: Path, num_workers: int) -> None:
     records = [ImageRecord(f"{i}", str(_png(tmp_path / f"{i}.png", value=i))) for i in range(5)]
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
     records.insert(2, ImageRecord("bad", str(tmp_path / "bad.png")))
-    loader = make_image_loader(records, 8, batch_size=4, num_workers=2, prefetch_factor=2)
-    batches = list(loader)
-    assert torch.cat([b["index"] for b in batches]).tolist() == list(range(6))
-    ok = torch.cat([b["ok"] for b in batches])
-    assert ok.tolist() == [True, True, False, True, True, True]
-    assert batches[0]["reason"][2] and batches[0]["image_u8"][2].sum() == 0
-    expected = load_image(records[3], 8)[0]
-    np.testing.assert_array_equal(batches[0]["image_u8"][3].numpy(), expected)
+    pool = DecodePool(num_workers, prefetch_factor=1)
+    try:
+        for _ in range(2):  # the same workers serve a second record list
+            batches = list(pool.batches(records, 8, batch_size=4))
+            assert torch.cat([b["index"] for b in batches]).tolist() == list(range(6))
+            assert [k for b in batches for k in b["key"]] == [r.key for r in records]
+            ok = torch.cat([b["ok"] for b in batches])
+            assert ok.tolist() == [True, True, False, True, True, True]
+            assert batches[0]["reason"][2] and batches[0]["image_u8"][2].sum() == 0
+            expected = load_image(records[3], 8)[0]
+            np.testing.assert_array_equal(batches[0]["image_u8"][3].numpy(), expected)
+            assert (
+                batches[1]["image_u8"].shape == (2, 3, 8, 8) and batches[1]["image_u8"].dtype == torch.uint8
+            )
+        # a consumer that stops early leaves the pool usable
+        next(iter(pool.batches(records, 8, batch_size=1)))
+        assert len(list(pool.batches(records[:3], 8, batch_size=2))) == 2
+    finally:
+        pool.close()
 
 
 def test_to_model_range() -> None:
