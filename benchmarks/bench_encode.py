@@ -265,13 +265,13 @@ def write_docs(text: str) -> None:
 
 @click.command()
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda.")
-@click.option("--images", default=32, show_default=True)
+@click.option("--images", default=96, show_default=True)
 @click.option("--resolution", default=32, show_default=True)
 @click.option("--batch-size", default=8, show_default=True, help="Views per teacher forward.")
 @click.option(
     "--num-workers", default=1, show_default=True, help="Decoding worker processes (encode.num_workers)."
 )
-@click.option("--repeats", default=3, show_default=True, help="Alternating runs of each; the best is kept.")
+@click.option("--repeats", default=4, show_default=True, help="Alternating runs of each; the best is kept.")
 @click.option("--no-adm", is_flag=True, help="Skip the ADM-256 rows.")
 @click.option("--adm-images", default=2, show_default=True, help="Images for the ADM-256 end-to-end run.")
 @click.option("--adm-repeats", default=1, show_default=True)
@@ -282,9 +282,10 @@ def write_docs(text: str) -> None:
 @click.option(
     "--cpu-threads",
     "thread_counts",
-    default="0",
+    default="0,1",
     show_default=True,
-    help="Comma-separated teacher thread counts (encode.cpu_threads), one UNet row each; 0 = torch's default.",
+    help="Comma-separated teacher thread counts (encode.cpu_threads), one UNet row each; 0 = torch's default. "
+    "On a GPU the thread count only drives the host side; pass --cpu-threads 0.",
 )
 def main(
     device: str,
