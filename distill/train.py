@@ -144,7 +144,9 @@ def build_optimizer(net: torch.nn.Module, dcfg: DistillConfig) -> torch.optim.Op
     """
     o = dcfg.optim
     extra = {}
-    if o.name == "adamw" and all(p.device.type in ("cpu", "cuda") for p in net.parameters()):
+    if o.name == "adamw" and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in net.parameters()
+    ):
         extra["fused"] = True
     return create_optimizer_v2(
         net,

@@ -282,15 +282,13 @@ class DecodePool:
     """Decoding worker processes that outlive the record lists they decode, ``prefetch_factor`` batches each ahead.
 
     Why not a DataLoader: its workers are bound to the dataset they were started with, so the encode stage (one
-    record list per shard) started and joined its decoding workers once per shard, a cost per shard that competes
-    with the teacher for the host CPU (``make bench-encode`` on 2 cores with the teacher on one thread: end-to-end
-    / bare 0.89 with per-shard DataLoaders, 0.95 with this pool). This pool starts its workers once and takes
-    batches of any record list.
+    record list per shard) started and joined its decoding workers once per shard, a per-shard cost that competes
+    with the teacher for the host CPU (``make bench-encode``; figures and their spread in docs/benchmarks.md).
+    This pool starts its workers once and takes batches of any record list.
     ``num_workers=0`` decodes in the calling thread. Thread-safe: several task threads may share one pool.
     """
 
     def __init__(self, num_workers: int, prefetch_factor: int = 2) -> None:
-        self.num_workers = num_workers
         self.lookahead = max(1, num_workers * prefetch_factor)
         self.broken = False
         """A worker process died; the pool cannot be used again (build a new one)."""
@@ -334,8 +332,8 @@ class DecodePool:
                     "reason": reasons,
                 }
         finally:  # the caller stopped early (an error): drop what it will not read
-            for _, pending in in_flight:
-                if self._pool is not None:
+            if self._pool is not None:
+                for _, pending in in_flight:
                     pending.cancel()
 
     def close(self) -> None:
