@@ -14,11 +14,13 @@ Run: ``.venv/bin/python benchmarks/bench_encode.py [--device cpu|cuda] [--images
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import platform
 import re
 import shutil
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -83,7 +85,7 @@ def bench_end_to_end(
     extra: tuple[str, ...] = (),
     cpu_threads: int = 0,
 ) -> dict:
-    """Bare teacher read-out vs ``run_encode`` on the images in ``tmp/images``, best of ``repeats`` each."""
+    """Bare teacher read-out vs ``run_encode`` on the images in ``tmp/images``: ``repeats`` alternating pairs."""
     from dreamteacher.images import list_images, load_image, to_model_range
     from dreamteacher.schema import load_pipeline
     from encode.pipeline import run_encode
@@ -139,18 +141,27 @@ def bench_end_to_end(
         return time.perf_counter() - start
 
     # 2. End to end, in-process (no cluster start-up in the figure; see docs/encode.md for dask).
-    #    Alternate the two and keep each one's best: the machine is shared, so single runs are noisy.
+    #    Bare and end-to-end runs alternate, bare first and last, and each end-to-end run is compared with the
+    #    mean of the two bare runs around it: the machine is shared (identical bare runs here differ by up to
+    #    20% a few seconds apart), and bracketing cancels a drift between the two. The median of these paired
+    #    ratios is the figure; their range and the bare runs' own drift (the noise floor) are printed too.
     #    The bare loop runs on a pool thread like the encode's tasks: measured here, torch CPU ops ran up to
     #    2x slower on the interpreter's main thread than on a fresh thread, which would flatter the ratio.
-    bare, e2e, busy = [], [], []
+    #    One untimed encode first, as the bare loop had its warm-up: it starts the process's decoding workers,
+    #    a one-off of a few seconds per encode process that a real run pays once, not per batch.
+    run_encode(cfg, use_dask=False, progress=False)
+    bare, e2e, teacher = [], [], []
     with ThreadPoolExecutor(max_workers=1) as pool:
+        bare.append(pool.submit(bare_seconds).result())
         for _ in range(repeats):
-            bare.append(pool.submit(bare_seconds).result())
             shutil.rmtree(tmp / "bank.zarr", ignore_errors=True)
             summary = run_encode(cfg, use_dask=False, progress=False)
             e2e.append(summary.wall_seconds)
-            busy.append(summary.teacher_seconds / summary.wall_seconds)
-    bare_img_s, e2e_img_s = len(records) / min(bare), len(records) / min(e2e)
+            teacher.append(summary.teacher_seconds)
+            bare.append(pool.submit(bare_seconds).result())
+    around = [(before + after) / 2 for before, after in itertools.pairwise(bare)]
+    ratios = [b / e for b, e in zip(around, e2e, strict=True)]
+    drift = [after / before for before, after in itertools.pairwise(bare)]
     return {
         "params_m": params / 1e6,
         "taps": [(t.name, t.channels, t.height, t.width) for t in encoder.taps_info],
@@ -158,13 +169,18 @@ def bench_end_to_end(
         "views": len(records) * views,
         "resolution": resolution,
         "batch": enc.batch_size,
-        "bare_img_s": bare_img_s,
-        "e2e_img_s": e2e_img_s,
-        "ratio": e2e_img_s / bare_img_s,
+        "bare_img_s": len(records) / statistics.median(bare),
+        "e2e_img_s": len(records) / statistics.median(e2e),
+        "ratio": statistics.median(ratios),
+        "ratio_range": (min(ratios), max(ratios)),
+        "bare_drift": (min(drift), max(drift)),
+        # ratio = busy / slowdown: the share of the wall time inside the teacher, and how much slower the
+        # teacher ran inside the encode than alone
+        "busy": statistics.median([t / e for t, e in zip(teacher, e2e, strict=True)]),
+        "teacher_vs_bare": statistics.median([t / b for t, b in zip(teacher, around, strict=True)]),
         "bank_mb": summary.bytes_written / 1e6,
-        "mb_s": summary.bytes_written / 1e6 / min(e2e),
+        "mb_s": summary.bytes_written / 1e6 / statistics.median(e2e),
         "repeats": repeats,
-        "busy": busy[e2e.index(min(e2e))],
         "shard_rows": cfg.bank.shard_rows,
         "load_avg": os.getloadavg()[0],
         "device": str(encoder.device),
@@ -206,24 +222,30 @@ def format_tables(unets: list[dict], adm: dict | None, machine: str) -> str:
         f"Machine: {machine}.",
         "",
         "| teacher | params | teacher threads | images (views) | res | batch (views) | bare read-out img/s "
-        "| end-to-end img/s | ratio | teacher busy | bank MB | MB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| end-to-end img/s | ratio (range) | bare drift | teacher busy | teacher time / bare | bank MB | MB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(
             f"| UNet2DModel (64,128,256,256), random init | {u['params_m']:.1f}M | {u['threads']} "
             f"| {u['images']} ({u['views']}) | {u['resolution']} | {u['batch']} | {u['bare_img_s']:.2f} "
-            f"| {u['e2e_img_s']:.2f} | **{u['ratio']:.2f}** | {u['busy']:.0%} | {u['bank_mb']:.1f} "
-            f"| {u['mb_s']:.2f} |"
+            f"| {u['e2e_img_s']:.2f} | **{u['ratio']:.2f}** ({u['ratio_range'][0]:.2f}-{u['ratio_range'][1]:.2f}) "
+            f"| {u['bare_drift'][0]:.2f}-{u['bare_drift'][1]:.2f} | {u['busy']:.0%} | {u['teacher_vs_bare']:.2f} | {u['bank_mb']:.1f} | {u['mb_s']:.2f} |"
             for u in unets
         ),
         "",
         "End-to-end = `run_encode` in-process (`--no-dask`): listing, decoding in worker processes, noise, teacher,",
         "int8 codec, Zarr writes, done markers, summary; draws=2, flips=both (4 views per image), T=150. Bare =",
-        f"the same read-outs on pre-decoded batches of the same composition. Best of {unet['repeats']} alternating",
-        f"runs each (runs vary on a busy machine); bank.shard_rows={unet['shard_rows']}. Teacher busy = share of the",
-        "end-to-end wall time spent inside the teacher read-out: the rest (listing, bank creation, the last shard's",
-        "write) is what overlap cannot hide. Teacher threads = torch intra-op threads of the teacher (encode.cpu_threads)",
-        "in both columns. When the teacher's threads take every core, the decode worker and the writer can only run",
-        "by taking cores from it; with a core left free they run beside it, as the host CPU runs them beside a GPU.",
+        "the same read-outs on pre-decoded batches of the same composition. Bare and end-to-end runs alternate,",
+        f"bare first and last ({unet['repeats']} end-to-end runs); ratio = median over the end-to-end runs of the mean",
+        "time of the two bare runs around it / its own time, with the lowest and highest in brackets. Bare drift =",
+        "range of each bare run's time over the one before it (1.00 = a quiet machine): the noise floor of a ratio.",
+        "The img/s columns are medians.",
+        f"bank.shard_rows={unet['shard_rows']}. Two medians explain the ratio (ratio ~ busy / slowdown): teacher",
+        "busy = share of the end-to-end wall time spent inside the teacher read-out (the rest: listing, bank",
+        "creation, the last shard's write, which overlap cannot hide); teacher time / bare = the teacher's time",
+        "inside the encode over its time alone (1.00: not slowed by the decode and write work beside it).",
+        "Teacher threads = torch intra-op threads of the teacher (encode.cpu_threads) in both columns. When they take",
+        "every core, the decode worker and the writer can only run by taking cores from the teacher; with a core left",
+        "free they run beside it, as the host CPU runs them beside a GPU.",
         "Target ratio >= 0.90: "
         + ", ".join(
             f"{u['threads']} teacher thread(s) {'met' if u['ratio'] >= 0.9 else 'not met'}" for u in unets
@@ -271,7 +293,12 @@ def write_docs(text: str) -> None:
 @click.option(
     "--num-workers", default=1, show_default=True, help="Decoding worker processes (encode.num_workers)."
 )
-@click.option("--repeats", default=4, show_default=True, help="Alternating runs of each; the best is kept.")
+@click.option(
+    "--repeats",
+    default=5,
+    show_default=True,
+    help="Alternating (bare, end-to-end) pairs; medians are reported.",
+)
 @click.option("--no-adm", is_flag=True, help="Skip the ADM-256 rows.")
 @click.option("--adm-images", default=2, show_default=True, help="Images for the ADM-256 end-to-end run.")
 @click.option("--adm-repeats", default=1, show_default=True)
