@@ -1,12 +1,14 @@
-"""The bank's Zarr v3 arrays, and a direct reader of the spec-defined shard file layout.
+"""The bank's Zarr v3 arrays, and a direct reader and writer of the spec-defined shard file layout.
 
 Every big array (input pixels, each codec part of each level) has chunk = one row and shard = ``shard_rows``
 rows, so one shard is one file per array. The Zarr v3 sharding codec specifies that file: the encoded inner
 chunks, then an index of ``(offset, nbytes)`` uint64 little-endian pairs (one per inner chunk, C order,
 ``2**64 - 1`` twice for an absent chunk) and a 4-byte crc32c of the index. :class:`ShardFile` reads rows straight
 out of that layout with ``os.preadv``: zarr-python costs ~1.6 ms per ``a[i]`` call (storage.md), which caps
-a reader at ~600 rows/s per process, while reading chunks by offset from the page cache runs near the raw file-read speed. zarr-python
-stays the writer and the validator (``bank verify`` compares the two).
+a reader at ~600 rows/s per process, while reading chunks by offset from the page cache runs near the raw
+file-read speed. :func:`write_raw_shard` and :func:`write_raw_chunk` write uncompressed shards and the small
+per-row arrays' chunks the same way (see their docstrings for why). zarr-python creates the arrays, writes
+compressed shards and validates (``bank verify`` compares the two; tests compare the bytes).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 
@@ -140,6 +143,43 @@ def check_arrays(group: zarr.Group, spec: BankSpec) -> None:
                 problems.append(f"array {adef.path}: codecs {codecs} are not this format's shard layout")
     if problems:
         raise BankError("the bank's arrays do not match its spec:\n  " + "\n  ".join(problems))
+
+
+def write_raw_shard(path: Path, rows_bytes: np.ndarray, shard_rows: int) -> None:
+    """Write one uncompressed shard file: the rows' bytes back to back, absent chunks past the end, the index.
+
+    ``rows_bytes``: (n, row_nbytes) uint8, n <= ``shard_rows`` (the bank's last shard may be short). The file is
+    byte for byte what zarr-python writes for it (tests compare them). Why not zarr-python: it encodes every
+    1-row inner chunk through its asyncio codec pipeline in Python, hundreds of GIL-holding calls per shard;
+    measured on a 2-core CPU, a thread writing shards that way slowed the teacher thread of the same process
+    1.7-2.1x even with a core to spare, while this is a few numpy calls and one ``write``.
+    """
+    n, row_nbytes = rows_bytes.shape
+    index = np.full((shard_rows, 2), _ABSENT, dtype="<u8")
+    index[:n, 0] = np.arange(n, dtype=np.uint64) * np.uint64(row_nbytes)
+    index[:n, 1] = row_nbytes
+    index_bytes = index.tobytes()
+    crc = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+    _write_file(path, [np.ascontiguousarray(rows_bytes).data, index_bytes, crc])
+
+
+def write_raw_chunk(path: Path, rows: np.ndarray, dtype: str, shard_rows: int) -> None:
+    """Write one uncompressed regular chunk of ``shard_rows`` rows (the fill value 0 past a short last shard).
+
+    The per-row arrays (keys, indices, flags) are one such chunk per shard; as with :func:`write_raw_shard`,
+    the bytes are zarr-python's, and writing them directly keeps the writer thread off the GIL.
+    """
+    rows = np.asarray(rows, dtype=np.dtype(dtype).newbyteorder("<"))
+    chunk = np.zeros((shard_rows, *rows.shape[1:]), dtype=rows.dtype)
+    chunk[: len(rows)] = rows
+    _write_file(path, [chunk.data])
+
+
+def _write_file(path: Path, parts: list[Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for part in parts:
+            f.write(part)
 
 
 class ShardFile:

@@ -27,15 +27,17 @@ import zarr
 
 from bank.codecs import make_codec
 from bank.config import BankConfig
-from bank.layout import array_defs, check_arrays, create_arrays
+from bank.layout import array_defs, check_arrays, create_arrays, write_raw_chunk, write_raw_shard
 from bank.spec import (
     FORMAT_VERSION,
     KEY_BYTES,
+    ROW_ARRAYS,
     SUPPORTED_FORMAT_VERSIONS,
     BankError,
     BankSpec,
     LevelSpec,
     done_marker_name,
+    feature_array_name,
 )
 
 ATTRS_KEY = "dreamteacher_bank"
@@ -160,9 +162,10 @@ class BankWriter:
         self.path, self.spec = Path(path), spec
         self.group = zarr.open_group(self.path, mode="r+")
         self.arrays = {adef.path: adef for adef in array_defs(spec)}
-        # All-zero chunks (rejected rows, draw with K=1) must still be files: each done marker checksums every
-        # file. write_empty_chunks is a runtime setting in zarr 3 (not stored with the array); set it per array
-        # handle, since the global zarr.config is shared by every writer thread in the process.
+        # zarr handles write compressed shards (uncompressed ones are written directly: _write_sharded). All-zero
+        # chunks (rejected rows) must still be files: each done marker checksums every file. write_empty_chunks is
+        # a runtime setting in zarr 3 (not stored with the array); set it per array handle, since the global
+        # zarr.config is shared by every writer thread in the process.
         self._handles = {
             name: self.group[name].with_config({"write_empty_chunks": True}) for name in self.arrays
         }
@@ -237,7 +240,7 @@ class BankWriter:
         marker = self.path / done_marker_name(shard)
         marker.unlink(missing_ok=True)
         # 2. features (codecs run on the tensors' device), pixels, per-row metadata: whole-shard writes
-        absmax = self._write_arrays(slice(span.start, span.stop), rows)
+        absmax = self._write_arrays(shard, slice(span.start, span.stop), rows)
         # 3. checksums of what is now on disk, then the marker (last, atomic)
         files = {}
         for adef in self.arrays.values():
@@ -263,7 +266,7 @@ class BankWriter:
             "seconds": time.perf_counter() - start_time,
         }
 
-    def _write_arrays(self, sl: slice, rows: ShardRows) -> dict[str, float]:
+    def _write_arrays(self, shard: int, sl: slice, rows: ShardRows) -> dict[str, float]:
         """Write every array's rows ``sl``; returns each level's max |feature| over OK rows (for verify)."""
         absmax: dict[str, float] = {}
         for level in self.spec.levels:
@@ -273,13 +276,24 @@ class BankWriter:
             ok_rows = torch.from_numpy(np.asarray(rows.ok, dtype=bool)).to(feats_SCHW.device)
             absmax[level.name] = float(feats_SCHW[ok_rows].abs().amax()) if bool(ok_rows.any()) else 0.0
             for part, values in self.codecs[level.name].encode(feats_SCHW).items():
-                self._handles[f"features/{level.name}/{part}"][sl] = values.cpu().numpy()
-        self._handles["image"][sl] = rows.images_u8
-        self._handles["key"][sl] = encode_keys(rows.keys)
-        for name in ("source_index", "draw", "flip", "seed"):
-            self._handles[name][sl] = np.asarray(getattr(rows, name), dtype=np.int64)
-        self._handles["ok"][sl] = np.asarray(rows.ok, dtype=bool)
+                self._write_sharded(feature_array_name(level.name, part), shard, sl, values.cpu().numpy())
+        self._write_sharded("image", shard, sl, rows.images_u8)
+        # the per-row arrays: one uncompressed chunk per shard
+        per_row = {"key": encode_keys(rows.keys)} | {name: getattr(rows, name) for name in ROW_ARRAYS}
+        for name, values in per_row.items():
+            adef = self.arrays[name]
+            write_raw_chunk(adef.shard_file(self.path, shard), values, adef.dtype, self.spec.shard_rows)
         return absmax
+
+    def _write_sharded(self, name: str, shard: int, sl: slice, values: np.ndarray) -> None:
+        """One shard of a sharded array: written directly when uncompressed, through zarr when compressed."""
+        if self.spec.compressor != "none":
+            self._handles[name][sl] = values
+            return
+        adef = self.arrays[name]
+        little = np.ascontiguousarray(values, dtype=np.dtype(adef.dtype).newbyteorder("<"))
+        rows_bytes = little.reshape(len(little), -1).view(np.uint8)
+        write_raw_shard(adef.shard_file(self.path, shard), rows_bytes, self.spec.shard_rows)
 
     def _check_rows(self, shard: int, span: range, rows: ShardRows) -> None:
         n, spec, problems = len(span), self.spec, []
@@ -298,7 +312,7 @@ class BankWriter:
                 problems.append(
                     f"features[{level.name}] is {tuple(feats.shape)}, expected {(n, *level.shape)}"
                 )
-        for name in ("source_index", "draw", "flip", "seed", "ok"):
+        for name in ROW_ARRAYS:
             if np.shape(getattr(rows, name)) != (n,):
                 problems.append(f"{name} has shape {np.shape(getattr(rows, name))}, expected ({n},)")
         if len(rows.keys) != n:

@@ -295,9 +295,9 @@ def write_docs(text: str) -> None:
 )
 @click.option(
     "--repeats",
-    default=5,
+    default=7,
     show_default=True,
-    help="Alternating (bare, end-to-end) pairs; medians are reported.",
+    help="End-to-end runs, each between two bare runs; medians are reported.",
 )
 @click.option("--no-adm", is_flag=True, help="Skip the ADM-256 rows.")
 @click.option("--adm-images", default=2, show_default=True, help="Images for the ADM-256 end-to-end run.")
