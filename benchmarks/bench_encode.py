@@ -2,7 +2,7 @@
 
 Table 1: a mid-size random-init diffusers UNet2DModel (~25M parameters). Bare teacher read-out (noise + one UNet
 pass with the taps hooked, on pre-decoded batches) vs the end-to-end ``run_encode`` (listing, decoding in
-decoding workers, noise, teacher, codecs, Zarr writes, done markers, summary) on the same images, batches and
+decoding workers, noise, teacher, codecs, shard file writes, done markers, summary) on the same images, batches and
 device. Target: end-to-end / bare >= 0.90.
 
 Table 2: the paper's teacher, ADM-256 (preset adm-256-uncond, random weights, loaded from a guided-diffusion-format
@@ -233,7 +233,7 @@ def format_tables(unets: list[dict], adm: dict | None, machine: str) -> str:
         ),
         "",
         "End-to-end = `run_encode` in-process (`--no-dask`): listing, decoding in worker processes, noise, teacher,",
-        "int8 codec, Zarr writes, done markers, summary; draws=2, flips=both (4 views per image), T=150. Bare =",
+        "int8 codec, shard file writes, done markers, summary; draws=2, flips=both (4 views per image), T=150. Bare =",
         "the same read-outs on pre-decoded batches of the same composition. Bare and end-to-end runs alternate,",
         f"bare first and last ({unet['repeats']} end-to-end runs); ratio = median over the end-to-end runs of the mean",
         "time of the two bare runs around it / its own time, with the lowest and highest in brackets. Bare drift =",
