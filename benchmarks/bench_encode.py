@@ -277,11 +277,15 @@ def format_tables(unets: list[dict], adm: dict | None, machine: str) -> str:
     return "\n".join(lines)
 
 
+END_MARKER = "<!-- end of the bench-encode output; the notes below are kept by --write-docs -->"
+
+
 def write_docs(text: str) -> None:
+    """Replace the generated part of docs/benchmarks.md's Encode section (up to END_MARKER, kept with the notes)."""
     doc = DOCS.read_text()
-    pattern = re.compile(r"(## Encode \(`make bench-encode`\)\n)(.*?)(\n## )", re.S)
+    pattern = re.compile(r"(## Encode \(`make bench-encode`\)\n)(.*?)(\n" + re.escape(END_MARKER) + ")", re.S)
     if not pattern.search(doc):
-        raise click.ClickException(f"{DOCS} has no '## Encode (`make bench-encode`)' section to fill")
+        raise click.ClickException(f"{DOCS} has no Encode section ending in {END_MARKER!r} to fill")
     DOCS.write_text(pattern.sub(lambda m: f"{m.group(1)}\n{text}\n{m.group(3)}", doc, count=1))
 
 
