@@ -200,24 +200,43 @@ def make_codec(name: str, *, bitround_keepbits: int = 7) -> Codec:
 
 @dataclass(frozen=True)
 class Compressor:
-    """A lossless byte compressor: the zarr codec that writes it, and the numcodecs codec the fast reader uses
-    to decode one stored chunk (zarr's Blosc/Zstd codecs wrap these same numcodecs codecs)."""
+    """A lossless byte compressor: the zarr codec recorded in the array metadata, and the numcodecs codecs that
+    encode and decode one stored chunk (zarr's Blosc/Zstd codecs wrap these same numcodecs codecs, so the bytes
+    are the same: tests/test_bank_io.py compares them)."""
 
     zarr_codec: Callable[[int], Any]
     """itemsize -> zarr BytesBytesCodec."""
+    chunk_encoder: Callable[[int], Any]
+    """itemsize -> numcodecs codec with the zarr codec's settings."""
     chunk_decoder: Callable[[], Any]
+
+
+def _blosc_shuffle(itemsize: int) -> str:
+    return "shuffle" if itemsize > 1 else "bitshuffle"
 
 
 COMPRESSORS: dict[str, Compressor | None] = {
     "none": None,
     "blosc-lz4": Compressor(
         zarr_codec=lambda itemsize: zarr.codecs.BloscCodec(
-            cname="lz4", clevel=5, shuffle="shuffle" if itemsize > 1 else "bitshuffle", typesize=itemsize
+            cname="lz4", clevel=5, shuffle=_blosc_shuffle(itemsize), typesize=itemsize
+        ),
+        # blocksize 0 (automatic) and the typesize argument are what zarr's BloscCodec passes (numcodecs >= 0.16)
+        chunk_encoder=lambda itemsize: numcodecs.Blosc(
+            cname="lz4",
+            clevel=5,
+            shuffle={"shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[
+                _blosc_shuffle(itemsize)
+            ],
+            blocksize=0,
+            typesize=itemsize,
         ),
         chunk_decoder=lambda: numcodecs.Blosc(),
     ),
     "zstd": Compressor(
-        zarr_codec=lambda itemsize: zarr.codecs.ZstdCodec(level=3), chunk_decoder=lambda: numcodecs.Zstd()
+        zarr_codec=lambda itemsize: zarr.codecs.ZstdCodec(level=3),
+        chunk_encoder=lambda itemsize: numcodecs.Zstd(level=3),
+        chunk_decoder=lambda: numcodecs.Zstd(),
     ),
 }
 

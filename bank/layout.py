@@ -6,9 +6,9 @@ chunks, then an index of ``(offset, nbytes)`` uint64 little-endian pairs (one pe
 ``2**64 - 1`` twice for an absent chunk) and a 4-byte crc32c of the index. :class:`ShardFile` reads rows straight
 out of that layout with ``os.preadv``: zarr-python costs ~1.6 ms per ``a[i]`` call (storage.md), which caps
 a reader at ~600 rows/s per process, while reading chunks by offset from the page cache runs near the raw
-file-read speed. :func:`write_raw_shard` and :func:`write_raw_chunk` write uncompressed shards and the small
-per-row arrays' chunks the same way (see their docstrings for why). zarr-python creates the arrays, writes
-compressed shards and validates (``bank verify`` compares the two; tests compare the bytes).
+file-read speed. :func:`write_shard_file` and :func:`write_raw_chunk` write the shards and the small per-row
+arrays' chunks the same way (see their docstrings for why). zarr-python creates the arrays and validates
+(``bank verify`` compares the two readers; tests compare the written bytes with zarr-python's).
 """
 
 from __future__ import annotations
@@ -145,28 +145,30 @@ def check_arrays(group: zarr.Group, spec: BankSpec) -> None:
         raise BankError("the bank's arrays do not match its spec:\n  " + "\n  ".join(problems))
 
 
-def write_raw_shard(path: Path, rows_bytes: np.ndarray, shard_rows: int) -> None:
-    """Write one uncompressed shard file: the rows' bytes back to back, absent chunks past the end, the index.
+def write_shard_file(path: Path, chunks: Any, nbytes: np.ndarray, shard_rows: int) -> None:
+    """Write one shard file: its inner chunks back to back, absent chunks past the end, then the index.
 
-    ``rows_bytes``: (n, row_nbytes) uint8, n <= ``shard_rows`` (the bank's last shard may be short). The file is
-    byte for byte what zarr-python writes for it (tests compare them). Why not zarr-python: it encodes every
-    1-row inner chunk through its asyncio codec pipeline in Python, hundreds of GIL-holding calls per shard;
-    measured on a 2-core CPU, a thread writing shards that way slowed the teacher thread of the same process
-    1.7-2.1x even with a core to spare, while this is a few numpy calls and one ``write``.
+    ``chunks``: the encoded chunks of rows 0..n-1 concatenated (a buffer); ``nbytes``: (n,) their sizes,
+    n <= ``shard_rows`` (the bank's last shard may be short). The file is byte for byte what zarr-python writes
+    for it (tests compare them). Why not zarr-python: it encodes every 1-row inner chunk through its asyncio
+    codec pipeline in Python, hundreds of GIL-holding calls per shard; measured on a 2-core CPU, a thread writing
+    shards that way slowed the teacher thread of the same process 1.7-2.1x even with a core to spare, while this
+    is a few numpy calls and one ``write``.
     """
-    n, row_nbytes = rows_bytes.shape
+    n = len(nbytes)
+    sizes = np.asarray(nbytes, dtype=np.uint64)
     index = np.full((shard_rows, 2), _ABSENT, dtype="<u8")
-    index[:n, 0] = np.arange(n, dtype=np.uint64) * np.uint64(row_nbytes)
-    index[:n, 1] = row_nbytes
+    index[:n, 0] = np.cumsum(sizes) - sizes
+    index[:n, 1] = sizes
     index_bytes = index.tobytes()
     crc = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
-    _write_file(path, [np.ascontiguousarray(rows_bytes).data, index_bytes, crc])
+    _write_file(path, [chunks, index_bytes, crc])
 
 
 def write_raw_chunk(path: Path, rows: np.ndarray, dtype: str, shard_rows: int) -> None:
     """Write one uncompressed regular chunk of ``shard_rows`` rows (the fill value 0 past a short last shard).
 
-    The per-row arrays (keys, indices, flags) are one such chunk per shard; as with :func:`write_raw_shard`,
+    The per-row arrays (keys, indices, flags) are one such chunk per shard; as with :func:`write_shard_file`,
     the bytes are zarr-python's, and writing them directly keeps the writer thread off the GIL.
     """
     rows = np.asarray(rows, dtype=np.dtype(dtype).newbyteorder("<"))

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import zarr
 
-from bank.codecs import make_codec
+from bank.codecs import get_compressor, make_codec
 from bank.config import BankConfig
-from bank.layout import array_defs, check_arrays, create_arrays, write_raw_chunk, write_raw_shard
+from bank.layout import array_defs, check_arrays, create_arrays, write_raw_chunk, write_shard_file
 from bank.spec import (
     FORMAT_VERSION,
     KEY_BYTES,
@@ -162,12 +162,11 @@ class BankWriter:
         self.path, self.spec = Path(path), spec
         self.group = zarr.open_group(self.path, mode="r+")
         self.arrays = {adef.path: adef for adef in array_defs(spec)}
-        # zarr handles write compressed shards (uncompressed ones are written directly: _write_sharded). All-zero
-        # chunks (rejected rows) must still be files: each done marker checksums every file. write_empty_chunks is
-        # a runtime setting in zarr 3 (not stored with the array); set it per array handle, since the global
-        # zarr.config is shared by every writer thread in the process.
-        self._handles = {
-            name: self.group[name].with_config({"write_empty_chunks": True}) for name in self.arrays
+        compressor = get_compressor(spec.compressor)
+        self._chunk_encoders = {
+            adef.path: compressor.chunk_encoder(np.dtype(adef.dtype).itemsize)
+            for adef in self.arrays.values()
+            if compressor and adef.sharded
         }
         self.codecs = {
             lv.name: make_codec(lv.codec, bitround_keepbits=spec.bitround_keepbits) for lv in spec.levels
@@ -240,7 +239,7 @@ class BankWriter:
         marker = self.path / done_marker_name(shard)
         marker.unlink(missing_ok=True)
         # 2. features (codecs run on the tensors' device), pixels, per-row metadata: whole-shard writes
-        absmax = self._write_arrays(shard, slice(span.start, span.stop), rows)
+        absmax = self._write_arrays(shard, rows)
         # 3. checksums of what is now on disk, then the marker (last, atomic)
         files = {}
         for adef in self.arrays.values():
@@ -266,8 +265,8 @@ class BankWriter:
             "seconds": time.perf_counter() - start_time,
         }
 
-    def _write_arrays(self, shard: int, sl: slice, rows: ShardRows) -> dict[str, float]:
-        """Write every array's rows ``sl``; returns each level's max |feature| over OK rows (for verify)."""
+    def _write_arrays(self, shard: int, rows: ShardRows) -> dict[str, float]:
+        """Write every array's files of ``shard``; returns each level's max |feature| over OK rows (for verify)."""
         absmax: dict[str, float] = {}
         for level in self.spec.levels:
             feats_SCHW = rows.features[level.name]
@@ -276,8 +275,8 @@ class BankWriter:
             ok_rows = torch.from_numpy(np.asarray(rows.ok, dtype=bool)).to(feats_SCHW.device)
             absmax[level.name] = float(feats_SCHW[ok_rows].abs().amax()) if bool(ok_rows.any()) else 0.0
             for part, values in self.codecs[level.name].encode(feats_SCHW).items():
-                self._write_sharded(feature_array_name(level.name, part), shard, sl, values.cpu().numpy())
-        self._write_sharded("image", shard, sl, rows.images_u8)
+                self._write_sharded(feature_array_name(level.name, part), shard, values.cpu().numpy())
+        self._write_sharded("image", shard, rows.images_u8)
         # the per-row arrays: one uncompressed chunk per shard
         per_row = {"key": encode_keys(rows.keys)} | {name: getattr(rows, name) for name in ROW_ARRAYS}
         for name, values in per_row.items():
@@ -285,15 +284,18 @@ class BankWriter:
             write_raw_chunk(adef.shard_file(self.path, shard), values, adef.dtype, self.spec.shard_rows)
         return absmax
 
-    def _write_sharded(self, name: str, shard: int, sl: slice, values: np.ndarray) -> None:
-        """One shard of a sharded array: written directly when uncompressed, through zarr when compressed."""
-        if self.spec.compressor != "none":
-            self._handles[name][sl] = values
-            return
+    def _write_sharded(self, name: str, shard: int, values: np.ndarray) -> None:
+        """One shard file of a sharded array: each row one inner chunk, compressed when the bank is."""
         adef = self.arrays[name]
         little = np.ascontiguousarray(values, dtype=np.dtype(adef.dtype).newbyteorder("<"))
         rows_bytes = little.reshape(len(little), -1).view(np.uint8)
-        write_raw_shard(adef.shard_file(self.path, shard), rows_bytes, self.spec.shard_rows)
+        encoder = self._chunk_encoders.get(name)
+        if encoder is None:
+            chunks, nbytes = rows_bytes, np.full(len(rows_bytes), adef.row_nbytes)
+        else:  # each row as its dtype: blosc's shuffle needs the item size
+            encoded = [encoder.encode(row) for row in little]
+            chunks, nbytes = b"".join(encoded), np.array([len(e) for e in encoded])
+        write_shard_file(adef.shard_file(self.path, shard), chunks, nbytes, self.spec.shard_rows)
 
     def _check_rows(self, shard: int, span: range, rows: ShardRows) -> None:
         n, spec, problems = len(span), self.spec, []

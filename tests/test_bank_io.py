@@ -178,11 +178,12 @@ def test_all_zero_row_arrays_are_still_written(tmp_path):
     assert bank.num_rows == spec.num_rows == 5 and bank.read_rows([4])["draw"].tolist() == [0]
 
 
-def test_direct_shard_files_are_the_bytes_zarr_writes(tmp_path):
-    # The writer writes uncompressed shards itself (bank.layout.write_raw_shard / write_raw_chunk). Read that
-    # bank back with zarr-python, write the same arrays through zarr-python into an empty bank of the same spec,
-    # and every data file must be byte-identical (the short last shard and all-zero rows included).
-    cfg = BankConfig(shard_rows=8, codec="int8", level_codecs={"s8": "fp16"})
+@pytest.mark.parametrize("compressor", ["none", "blosc-lz4", "zstd"])
+def test_direct_shard_files_are_the_bytes_zarr_writes(tmp_path, compressor):
+    # The writer writes shard files itself (bank.layout.write_shard_file / write_raw_chunk). Read that bank back
+    # with zarr-python, write the same arrays through zarr-python into an empty bank of the same spec, and every
+    # data file must be byte-identical (the short last shard included).
+    cfg = BankConfig(shard_rows=8, codec="int8", level_codecs={"s8": "fp16"}, compressor=compressor)
     spec = write_bank(tmp_path / "direct.zarr", cfg)
     BankWriter.create(tmp_path / "zarr.zarr", spec, cfg)
     direct = zarr.open_group(tmp_path / "direct.zarr", mode="r")
