@@ -155,6 +155,16 @@ def file_checksum(path: Path) -> dict[str, int]:
     return {"nbytes": nbytes, "crc32": crc}
 
 
+def _absmax_of_rows(feats_SCHW: torch.Tensor, ok: np.ndarray) -> float:
+    """max |x| over the rows where ``ok`` (0.0 when none): one min/max pass, no |x| temporary, no row copy when
+    every row is OK (profiled: ``x[ok].abs().amax()`` was a quarter of an ADM-256 shard's write on CPU)."""
+    if not ok.any():
+        return 0.0
+    sel = feats_SCHW if ok.all() else feats_SCHW[torch.from_numpy(ok).to(feats_SCHW.device)]
+    lo, hi = torch.aminmax(sel)
+    return max(-float(lo), float(hi))
+
+
 class BankWriter:
     """Writes whole shards of a bank created at final size (:meth:`create`)."""
 
@@ -272,8 +282,7 @@ class BankWriter:
             feats_SCHW = rows.features[level.name]
             if isinstance(feats_SCHW, np.ndarray):
                 feats_SCHW = torch.from_numpy(feats_SCHW)
-            ok_rows = torch.from_numpy(np.asarray(rows.ok, dtype=bool)).to(feats_SCHW.device)
-            absmax[level.name] = float(feats_SCHW[ok_rows].abs().amax()) if bool(ok_rows.any()) else 0.0
+            absmax[level.name] = _absmax_of_rows(feats_SCHW, np.asarray(rows.ok, dtype=bool))
             for part, values in self.codecs[level.name].encode(feats_SCHW).items():
                 self._write_sharded(feature_array_name(level.name, part), shard, values.cpu().numpy())
         self._write_sharded("image", shard, rows.images_u8)

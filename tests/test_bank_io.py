@@ -197,3 +197,17 @@ def test_direct_shard_files_are_the_bytes_zarr_writes(tmp_path, compressor):
             assert ours == adef.shard_file(tmp_path / "zarr.zarr", shard).read_bytes(), (adef.path, shard)
             files += 1
     assert files == len(array_defs(spec)) * 3
+
+
+def test_marker_absmax_is_max_abs_over_ok_rows(tmp_path):
+    spec = make_spec(CFG)
+    writer = BankWriter.create(tmp_path / "b.zarr", spec, CFG)
+    rows = shard_rows(spec, 0, rejected_images=(1,))
+    rows.features["s4"][0, 0, 0, 0] = -1e4  # a negative extreme on an OK row
+    rows.features["s8"][4, 0, 0, 0] = 1e4  # an extreme on a rejected row (image 1) must not count
+    writer.write_shard(0, rows)
+    marker = json.loads((tmp_path / "b.zarr" / done_marker_name(0)).read_text())
+    for level, feats in rows.features.items():
+        ok = feats.numpy()[rows.ok]
+        assert marker["absmax"][level] == float(np.abs(ok).max())
+    assert marker["absmax"]["s4"] == 1e4
