@@ -261,12 +261,12 @@ def writer_table(feats: dict[str, torch.Tensor], workdir: Path, rows: int, shard
         "views/s | speed-up |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, (levels, images) in row_sets.items():
+    for set_index, (label, (levels, images)) in enumerate(row_sets.items()):
         for compressor in ("none", "blosc-lz4", "zstd"):
             cfg = BankConfig(shard_rows=shard_rows, codec="int8", compressor=compressor)
             spec = bench_spec(cfg, levels, images.shape[-1])
             shards = bench_shards(spec, levels, images)
-            name = f"{label.split(',')[0].split(' ')[0]}-{compressor}"
+            name = f"{set_index}-{compressor}"
             writer = BankWriter.create(workdir / f"write-{name}.zarr", spec, cfg)
             direct = timed(functools.partial(_write_shards, writer, shards), 3)
             bank_files = (workdir / f"write-{name}.zarr").rglob("c/**/*")
