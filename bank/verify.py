@@ -11,10 +11,9 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from bank.layout import array_defs
+from bank.layout import array_defs, file_checksum
 from bank.reader import Bank
 from bank.spec import done_marker_name
-from bank.writer import file_checksum
 
 RANGE_SLACK = 1.01
 """Decoded magnitudes may exceed the float features' recorded maximum by the codec error only."""

@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import time
-import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +26,13 @@ import zarr
 
 from bank.codecs import get_compressor, make_codec
 from bank.config import BankConfig
-from bank.layout import array_defs, check_arrays, create_arrays, write_raw_chunk, write_shard_file
+from bank.layout import (
+    array_defs,
+    check_arrays,
+    create_arrays,
+    write_raw_chunk,
+    write_shard_file,
+)
 from bank.spec import (
     FORMAT_VERSION,
     KEY_BYTES,
@@ -145,16 +150,6 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def file_checksum(path: Path) -> dict[str, int]:
-    """``{"nbytes", "crc32"}`` of a file (zlib.crc32: fast and in the standard library)."""
-    crc, nbytes = 0, 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            crc = zlib.crc32(block, crc)
-            nbytes += len(block)
-    return {"nbytes": nbytes, "crc32": crc}
-
-
 def _absmax_of_rows(feats_SCHW: torch.Tensor, ok: np.ndarray) -> float:
     """max |x| over the rows where ``ok`` (0.0 when none): one min/max pass, no |x| temporary, no row copy when
     every row is OK (profiled: ``x[ok].abs().amax()`` was a quarter of an ADM-256 shard's write on CPU)."""
@@ -248,13 +243,10 @@ class BankWriter:
         # 1. a rewrite first withdraws the marker, so a crash mid-rewrite leaves the shard pending
         marker = self.path / done_marker_name(shard)
         marker.unlink(missing_ok=True)
-        # 2. features (codecs run on the tensors' device), pixels, per-row metadata: whole-shard writes
-        absmax = self._write_arrays(shard, rows)
-        # 3. checksums of what is now on disk, then the marker (last, atomic)
-        files = {}
-        for adef in self.arrays.values():
-            file = adef.shard_file(self.path, shard)
-            files[str(file.relative_to(self.path))] = file_checksum(file)
+        # 2. features (codecs run on the tensors' device), pixels, per-row metadata: whole-shard writes, each
+        #    returning the checksum of the bytes it wrote
+        absmax, files = self._write_arrays(shard, rows)
+        # 3. the marker (last, atomic)
         record = {
             "shard": shard,
             "rows": [span.start, span.stop],
@@ -275,26 +267,36 @@ class BankWriter:
             "seconds": time.perf_counter() - start_time,
         }
 
-    def _write_arrays(self, shard: int, rows: ShardRows) -> dict[str, float]:
-        """Write every array's files of ``shard``; returns each level's max |feature| over OK rows (for verify)."""
+    def _write_arrays(
+        self, shard: int, rows: ShardRows
+    ) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+        """Write every array's file of ``shard``; returns each level's max |feature| over OK rows (for verify) and
+        each file's checksum by its path inside the bank."""
         absmax: dict[str, float] = {}
+        files: dict[str, dict[str, int]] = {}
         for level in self.spec.levels:
             feats_SCHW = rows.features[level.name]
             if isinstance(feats_SCHW, np.ndarray):
                 feats_SCHW = torch.from_numpy(feats_SCHW)
             absmax[level.name] = _absmax_of_rows(feats_SCHW, np.asarray(rows.ok, dtype=bool))
             for part, values in self.codecs[level.name].encode(feats_SCHW).items():
-                self._write_sharded(feature_array_name(level.name, part), shard, values.cpu().numpy())
-        self._write_sharded("image", shard, rows.images_u8)
+                files |= self._write_sharded(
+                    shard, feature_array_name(level.name, part), values.cpu().numpy()
+                )
+        files |= self._write_sharded(shard, "image", rows.images_u8)
         # the per-row arrays: one uncompressed chunk per shard
         per_row = {"key": encode_keys(rows.keys)} | {name: getattr(rows, name) for name in ROW_ARRAYS}
         for name, values in per_row.items():
             adef = self.arrays[name]
-            write_raw_chunk(adef.shard_file(self.path, shard), values, adef.dtype, self.spec.shard_rows)
-        return absmax
+            file = adef.shard_file(self.path, shard)
+            files[str(file.relative_to(self.path))] = write_raw_chunk(
+                file, values, adef.dtype, self.spec.shard_rows
+            )
+        return absmax, files
 
-    def _write_sharded(self, name: str, shard: int, values: np.ndarray) -> None:
-        """One shard file of a sharded array: each row one inner chunk, compressed when the bank is."""
+    def _write_sharded(self, shard: int, name: str, values: np.ndarray) -> dict[str, dict[str, int]]:
+        """One shard file of a sharded array (each row one inner chunk, compressed when the bank is); returns
+        ``{path inside the bank: checksum}``."""
         adef = self.arrays[name]
         little = np.ascontiguousarray(values, dtype=np.dtype(adef.dtype).newbyteorder("<"))
         rows_bytes = little.reshape(len(little), -1).view(np.uint8)
@@ -304,7 +306,10 @@ class BankWriter:
         else:  # each row as its dtype: blosc's shuffle needs the item size
             encoded = [encoder.encode(row) for row in little]
             chunks, nbytes = b"".join(encoded), np.array([len(e) for e in encoded])
-        write_shard_file(adef.shard_file(self.path, shard), chunks, nbytes, self.spec.shard_rows)
+        file = adef.shard_file(self.path, shard)
+        return {
+            str(file.relative_to(self.path)): write_shard_file(file, chunks, nbytes, self.spec.shard_rows)
+        }
 
     def _check_rows(self, shard: int, span: range, rows: ShardRows) -> None:
         n, spec, problems = len(span), self.spec, []

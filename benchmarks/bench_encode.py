@@ -85,7 +85,8 @@ def bench_end_to_end(
     extra: tuple[str, ...] = (),
     cpu_threads: int = 0,
 ) -> dict:
-    """Bare teacher read-out vs ``run_encode`` on the images in ``tmp/images``: ``repeats`` alternating pairs."""
+    """Bare teacher read-out vs ``run_encode`` on the images in ``tmp/images``: ``repeats`` end-to-end runs, each
+    between two bare runs."""
     from dreamteacher.images import list_images, load_image, to_model_range
     from dreamteacher.schema import load_pipeline
     from encode.pipeline import run_encode
@@ -228,7 +229,8 @@ def format_tables(unets: list[dict], adm: dict | None, machine: str) -> str:
             f"| UNet2DModel (64,128,256,256), random init | {u['params_m']:.1f}M | {u['threads']} "
             f"| {u['images']} ({u['views']}) | {u['resolution']} | {u['batch']} | {u['bare_img_s']:.2f} "
             f"| {u['e2e_img_s']:.2f} | **{u['ratio']:.2f}** ({u['ratio_range'][0]:.2f}-{u['ratio_range'][1]:.2f}) "
-            f"| {u['bare_drift'][0]:.2f}-{u['bare_drift'][1]:.2f} | {u['busy']:.0%} | {u['teacher_vs_bare']:.2f} | {u['bank_mb']:.1f} | {u['mb_s']:.2f} |"
+            f"| {u['bare_drift'][0]:.2f}-{u['bare_drift'][1]:.2f} | {u['busy']:.0%} | {u['teacher_vs_bare']:.2f} "
+            f"| {u['bank_mb']:.1f} | {u['mb_s']:.2f} |"
             for u in unets
         ),
         "",
@@ -307,7 +309,10 @@ def write_docs(text: str) -> None:
 @click.option("--adm-images", default=2, show_default=True, help="Images for the ADM-256 end-to-end run.")
 @click.option("--adm-repeats", default=1, show_default=True)
 @click.option(
-    "--write-docs", "update_docs", is_flag=True, help="Replace the Encode section of docs/benchmarks.md."
+    "--write-docs",
+    "update_docs",
+    is_flag=True,
+    help="Replace the generated part of docs/benchmarks.md's Encode section.",
 )
 @click.option("--machine", default="", help="Machine description for the docs (default: detected).")
 @click.option(
