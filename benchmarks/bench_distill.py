@@ -26,7 +26,6 @@ import torch
 
 from bank import BankWriter, ShardRows, make_loader, spec_from_config
 from bank.config import BankConfig
-from distill.metrics import read_metrics
 from distill.model import DistillNet
 from distill.student import build_student
 from distill.train import build_optimizer, build_schedule, run_distill
@@ -35,6 +34,7 @@ from dreamteacher.schema import load_pipeline
 from teachers.adm import ADMTeacher, adm_default_taps, adm_from_flags, adm_tap_shapes
 from teachers.adm_presets import preset_flags
 from teachers.encoding import TeacherEncoder, make_noise
+from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "adm-256-uncond"
@@ -94,7 +94,7 @@ def bench_bank_mode(bank: Path, out: Path, batch: int, steps: int, warmup: int) 
             f"distill.batch_size={batch}",
             f"distill.max_steps={warmup + steps}",
             "distill.log_every=1",
-            f"distill.checkpoint_every={10**9}",
+            f"training.checkpoint_every={10**9}",
         ],
     )
     run_distill(cfg, progress=False)

@@ -87,10 +87,10 @@ def bench_end_to_end(
 ) -> dict:
     """Bare teacher read-out vs ``run_encode`` on the images in ``tmp/images``: ``repeats`` end-to-end runs, each
     between two bare runs."""
-    from dreamteacher.images import list_images, load_image, to_model_range
     from dreamteacher.schema import load_pipeline
     from encode.pipeline import run_encode
     from encode.worker import EncodeSettings, get_encoder
+    from sources.images import list_images, load_image, to_model_range
     from teachers.encoding import make_noise, row_seed
 
     cfg = load_pipeline(

@@ -41,7 +41,7 @@ class OnlineTargets:
     def __init__(
         self, bank_attrs: dict[str, Any], teachers: dict[str, Any], levels: list[str], device: torch.device
     ) -> None:
-        from dreamteacher.config import from_mapping, to_dict
+        from configlib import from_mapping, to_dict
         from teachers import build_teacher
         from teachers.config import TapConfig, TeacherConfig
         from teachers.encoding import TeacherEncoder

@@ -22,16 +22,16 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from distill.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from configlib import save_resolved
 from distill.config import DistillConfig
 from distill.export import export_artifacts
-from distill.metrics import METRICS_NAME, MetricsLog, truncate_metrics
 from distill.model import DistillNet
 from distill.student import STUDENT_STRIDES, build_student
 from distill.targets import BankTargets, LabelLogits, OnlineTargets
 from distill.trainer import StepSettings, Trainer
-from dreamteacher.config import save_resolved
 from dreamteacher.schema import PipelineConfig
+from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.metrics import METRICS_NAME, MetricsLog, truncate_metrics
 
 log = logging.getLogger(__name__)
 

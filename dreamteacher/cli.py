@@ -12,11 +12,11 @@ import click
 
 # command name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
-    "teacher": "teachers.cli:teacher",
-    "encode": "encode.cli:encode",
-    "bank": "bank.cli:bank",
-    "distill": "distill.cli:distill",
-    "finetune": "finetune.cli:finetune",
+    "teacher": "dreamteacher.commands.teacher:teacher",
+    "encode": "dreamteacher.commands.encode:encode",
+    "bank": "dreamteacher.commands.bank:bank",
+    "distill": "dreamteacher.commands.distill:distill",
+    "finetune": "dreamteacher.commands.finetune:finetune",
     "demo": "dreamteacher.demo:demo_command",
 }
 

@@ -29,10 +29,10 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from dreamteacher.config import apply_overrides, from_mapping, save_resolved, to_dict
-from dreamteacher.datasets import ensure_available
+from configlib import apply_overrides, from_mapping, save_resolved, to_dict
 from dreamteacher.options import config_options
 from dreamteacher.schema import DemoConfig, DemoSizeConfig, PipelineConfig
+from sources.datasets import ensure_available
 
 DEMO_DATASETS = ("demo", "demo-fewshot", "demo-coco")
 INITS = ("distilled", "random")
@@ -86,11 +86,11 @@ def plan_demo(cfg: PipelineConfig, size: str) -> DemoPlan:
                     f"finetune.ckpt={backbone if init == 'distilled' else ''}", f"finetune.seed={seed}",
                     f"finetune.out={out / 'finetune'}", f"finetune.exp={size}-{task}-{init}-seed{seed}",
                 ])  # fmt: skip
-    students = {c.finetune.backbone for c in finetune.values()}
+    students = {c.training.backbone for c in finetune.values()}
     if students != {dist.distill.student.name}:
         raise ValueError(
             f"the demo fine-tunes backbones {sorted(students)} but distills {dist.distill.student.name!r}; "
-            f"set finetune.backbone and distill.student.name to the same timm model in demo.sizes.{size}"
+            f"set training.backbone and distill.student.name to the same timm model in demo.sizes.{size}"
         )
     return DemoPlan(out=out, encode=enc, distill=dist, finetune=finetune, backbone=backbone)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from dreamteacher.config import ConfigError
+from configlib import ConfigError
 
 
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:

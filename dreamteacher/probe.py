@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dreamteacher.datasets import ensure_available
 from dreamteacher.schema import PipelineConfig
+from sources.datasets import ensure_available
 from teachers.base import FeatureTaps
 from teachers.encoding import q_sample
 from teachers.registry import build_teacher, resolve_taps

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from dreamteacher import demo_data  # noqa: E402
+from sources import demo_scenes as demo_data  # noqa: E402
 
 if TYPE_CHECKING:
     from dreamteacher.demo import DemoPlan

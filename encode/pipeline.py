@@ -18,11 +18,11 @@ import torch
 
 from bank import BankSpec, BankWriter, spec_from_config
 from bank.writer import SUMMARY_FILE
-from dreamteacher.config import ConfigError, save_resolved, to_dict
-from dreamteacher.images import ImageRecord, keys_sha256, list_images
+from configlib import ConfigError, save_resolved, to_dict
 from dreamteacher.schema import PipelineConfig
 from encode.distributed import run_tasks
 from encode.worker import EncodeSettings, ShardTask, build_encoder, get_encoder
+from sources.images import ImageRecord, keys_sha256, list_images
 
 PREPROCESSING = (
     "guided-diffusion center_crop_arr: box-halve while the shorter side >= 2x resolution, bicubic resize of the "

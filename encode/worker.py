@@ -22,8 +22,8 @@ import torch
 
 from bank import BankSpec, BankWriter, ShardRows
 from bank.config import BankConfig
-from dreamteacher.config import to_dict
-from dreamteacher.images import DecodePool, ImageRecord, to_model_range
+from configlib import to_dict
+from sources.images import DecodePool, ImageRecord, to_model_range
 from teachers import build_teacher, resolve_taps
 from teachers.config import TeacherConfig
 from teachers.encoding import TeacherEncoder, make_noise, row_seed

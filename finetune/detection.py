@@ -12,14 +12,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from finetune.backbone import apply_norm, build_backbone
 from finetune.coco import CocoInstances, collate, evaluate_coco, to_coco_results, write_results
 from finetune.config import FinetuneConfig
 from finetune.engine import MetricsLog, StepBatchSampler, resume_step, train_loop, unwrap
 from finetune.heads.maskrcnn import build_mask_rcnn
 from finetune.optim import build_optimizer
 from finetune.report import palette, save_panels, write_summary
-from finetune.runtime import Runtime
+from training.backbone import apply_norm, build_backbone
+from training.runtime import Runtime
 
 SCHEDULE_EPOCHS = {"1x": 12, "2x": 24}
 

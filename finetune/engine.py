@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from finetune.config import OptimConfig
 from finetune.optim import set_lr
-from finetune.runtime import Runtime
+from training.runtime import Runtime
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):

@@ -6,11 +6,11 @@ import importlib
 import time
 from pathlib import Path
 
-from dreamteacher.config import save_resolved, to_dict
-from dreamteacher.datasets import ensure_available
+from configlib import save_resolved, to_dict
 from dreamteacher.schema import PipelineConfig
 from finetune.report import write_json
-from finetune.runtime import seed_everything, setup_runtime, teardown_runtime
+from sources.datasets import ensure_available
+from training.runtime import seed_everything, setup_runtime, teardown_runtime
 
 # task -> (dataset layout it needs, "module:function" running it)
 TASKS: dict[str, tuple[str, str]] = {

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from finetune.ade20k import ade20k_class_names, ade20k_pairs
-from finetune.backbone import apply_norm, build_backbone
 from finetune.config import FinetuneConfig, SegEvalConfig
 from finetune.engine import MetricsLog, StepBatchSampler, resume_step, train_loop, unwrap
 from finetune.fewshot import fewshot_class_names, fewshot_pairs
@@ -22,8 +21,9 @@ from finetune.heads.upernet import UperNet
 from finetune.metrics import ConfusionMatrix, per_class_table
 from finetune.optim import build_optimizer
 from finetune.report import colourise, palette, save_panels, write_summary
-from finetune.runtime import Runtime
 from finetune.seg_data import SegmentationDataset, read_image
+from training.backbone import apply_norm, build_backbone
+from training.runtime import Runtime
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamteacher.config import from_mapping
+from configlib import from_mapping
 from teachers.adm_presets import preset_flags
 from teachers.base import TapInfo, Teacher, discover_taps
 from teachers.config import TapConfig

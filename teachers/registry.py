@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from dreamteacher.config import require_resolved
+from configlib import require_resolved
 from teachers.base import Teacher
 from teachers.config import TapConfig, TeacherConfig
 

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from bank import Bank, pca_rgb
-from bank.cli import bank as bank_cli
 from bank.wds import export_wds, iter_rows, wds_stream
+from dreamteacher.commands.bank import bank as bank_cli
 from tests.bank_helpers import write_bank
 
 

@@ -9,15 +9,15 @@ from typing import Literal
 import pytest
 import yaml
 
-from dreamteacher.config import (
+from configlib import (
     ConfigError,
     apply_overrides,
     from_mapping,
     require_resolved,
     save_resolved,
 )
-from dreamteacher.datasets import DatasetConfig, ensure_available
 from dreamteacher.schema import PipelineConfig, load_pipeline
+from sources.datasets import DatasetConfig, ensure_available
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreamteacher import demo_data
 from dreamteacher.demo import derive, format_table, parallel_runs, plan_demo, run_demo, summarise
 from dreamteacher.probe import STRIDE, linear_probe_miou
 from dreamteacher.schema import DemoConfig, load_pipeline
+from sources import demo_scenes as demo_data
 
 SHIPPED_TEACHER = Path("assets/demo-teacher")
 

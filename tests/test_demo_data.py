@@ -12,8 +12,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from dreamteacher import demo_data
-from dreamteacher.datasets import DatasetConfig, ensure_available
+from sources import demo_scenes as demo_data
+from sources.datasets import DatasetConfig, ensure_available
 
 
 @pytest.fixture()

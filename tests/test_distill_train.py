@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from bank import BankWriter, ShardRows, spec_from_config
 from bank.config import BankConfig
-from distill.checkpoint import load_checkpoint
-from distill.cli import distill as distill_cli
-from distill.metrics import read_metrics
 from distill.train import run_distill
+from dreamteacher.commands.distill import distill as distill_cli
 from dreamteacher.schema import load_pipeline
+from training.checkpoint import load_checkpoint
+from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES, SIZE, DRAWS, FLIPS = 16, 32, 2, 2
@@ -165,7 +165,7 @@ def test_resume_is_bit_exact(bank_path: Path, tmp_path: Path) -> None:
     # 16 images / batch 4 = 4 steps per epoch: the split at step 3 and the run's end cross an epoch boundary
     full = run_distill(make_cfg(bank_path, tmp_path, "distill.exp=full"), progress=False)
     half = make_cfg(
-        bank_path, tmp_path, "distill.exp=split", "distill.stop_at_step=3", "distill.checkpoint_every=2"
+        bank_path, tmp_path, "distill.exp=split", "distill.stop_at_step=3", "training.checkpoint_every=2"
     )
     split = run_distill(half, progress=False)
     assert not (split / "backbone.safetensors").exists()  # not finished: no artifacts yet
@@ -270,7 +270,7 @@ ADM_TINY = REPO / "tests" / "data" / "adm-tiny"
 
 def write_teacher_bank(path: Path, teacher_cfg) -> Path:  # noqa: ANN001 - TeacherConfig
     """A bank encoded the way encode does it (noise mode, per-row seeds, flipped rows get mirrored noise)."""
-    from dreamteacher.config import to_dict
+    from configlib import to_dict
     from teachers import build_teacher, resolve_taps
     from teachers.encoding import TeacherEncoder, make_noise
 
@@ -334,8 +334,8 @@ def write_teacher_bank(path: Path, teacher_cfg) -> Path:  # noqa: ANN001 - Teach
 
 def test_online_targets_equal_the_bank(tmp_path: Path) -> None:
     from bank import Bank, BankTrainSet, decode_targets
+    from configlib import from_mapping
     from distill.targets import OnlineTargets
-    from dreamteacher.config import from_mapping
     from teachers.config import TeacherConfig
 
     flags = json.loads((ADM_TINY / "flags.json").read_text())

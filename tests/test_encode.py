@@ -23,11 +23,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from bank import BankError
-from dreamteacher.config import ConfigError
-from dreamteacher.images import list_images, load_image, to_model_range
+from configlib import ConfigError
 from dreamteacher.schema import PipelineConfig, load_pipeline
 from encode.pipeline import run_encode
 from encode.worker import clear_caches
+from sources.images import list_images, load_image, to_model_range
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_GOOD = 10

@@ -7,10 +7,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from finetune.backbone import Backbone, build_backbone, load_backbone_weights
 from finetune.config import DetectionConfig, UperNetConfig
 from finetune.heads.maskrcnn import build_mask_rcnn
 from finetune.heads.upernet import UperNet
+from training.backbone import Backbone, build_backbone, load_backbone_weights
 
 BACKBONES = ["resnet18", "convnext_atto"]
 TINY_HEAD = UperNetConfig(channels=16, aux_channels=8)

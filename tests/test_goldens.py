@@ -95,7 +95,7 @@ LOSSES: list[tuple[float, float, float]] = [
 
 
 def _scenes(folder: Path, count: int) -> None:
-    from dreamteacher.demo_data import scene_for
+    from sources.demo_scenes import scene_for
 
     folder.mkdir(parents=True)
     for i in range(count):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamteacher.config import ConfigError
-from dreamteacher.datasets import DatasetConfig
-from dreamteacher.images import (
+from configlib import ConfigError
+from sources.datasets import DatasetConfig
+from sources.images import (
     DecodePool,
     ImageRecord,
     center_crop_resize,

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from dreamteacher.commands.teacher import teacher
 from dreamteacher.schema import PipelineConfig, load_pipeline
-from teachers.cli import teacher
-from teachers.config import TeacherTrainConfig
-from teachers.train import (
+from teacher_training.config import TeacherTrainConfig
+from teacher_training.train import (
     StepBatchSampler,
     build_scheduler,
     build_unet,

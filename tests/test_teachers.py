@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamteacher.config import ConfigError
+from configlib import ConfigError
 from teachers import FeatureTaps, Teacher, build_teacher, discover_taps, resolve_taps
 from teachers.adm import ADMTeacher
 from teachers.config import TapConfig, TeacherConfig

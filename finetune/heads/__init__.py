@@ -1,1 +1,1 @@
-"""Task heads on top of :class:`finetune.backbone.Backbone`."""
+"""Task heads on top of :class:`training.backbone.Backbone`."""

@@ -12,8 +12,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from finetune.backbone import Backbone
 from finetune.config import DetectionConfig
+from training.backbone import Backbone
 
 
 class BackboneWithFPN(nn.Module):

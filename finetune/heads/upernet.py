@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.backbone import Backbone
 from finetune.config import UperNetConfig
+from training.backbone import Backbone
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel: int) -> nn.Sequential:

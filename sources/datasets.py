@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from dreamteacher.config import ConfigError, require_resolved
+from configlib import ConfigError, require_resolved
 
 Layout = Literal["imagefolder", "folder", "list", "wds", "ade20k", "coco", "fewshot"]
 
@@ -33,9 +33,14 @@ class DatasetConfig:
     """Use only the first N images in the deterministic order (0 = all); handy for smoke runs."""
 
 
-# Built-in generators: name -> "module:function(root: Path, layout: str) -> None". Each writes the dataset in
-# the requested layout, deterministically from a fixed seed.
-GENERATORS: dict[str, str] = {"demo-scenes": "dreamteacher.demo_data:generate"}
+def _demo_scenes(root: Path, layout: str) -> None:
+    from sources.demo_scenes import generate  # numpy / PIL / pycocotools: only when data is generated
+
+    generate(root, layout)
+
+
+# Built-in generators: name -> function(root, layout) writing the dataset in that layout, deterministically.
+GENERATORS: dict[str, Callable[[Path, str], None]] = {"demo-scenes": _demo_scenes}
 
 
 def ensure_available(name: str, dataset: DatasetConfig) -> Path:
@@ -47,8 +52,7 @@ def ensure_available(name: str, dataset: DatasetConfig) -> Path:
                 f"datasets.{name}.generator: unknown generator {dataset.generator!r}; "
                 f"choices: {', '.join(sorted(GENERATORS))}"
             )
-        module_name, attr = GENERATORS[dataset.generator].split(":")
-        getattr(importlib.import_module(module_name), attr)(root, dataset.layout)
+        GENERATORS[dataset.generator](root, dataset.layout)
     if not root.exists():
         raise ConfigError(
             f"dataset {name!r}: {root} does not exist. Set datasets.{name}.root in pipeline.yaml (or the "

@@ -53,6 +53,6 @@ def train(cfg, resume: bool, online: bool, no_progress: bool) -> None:  # noqa: 
 )
 def plot(exp_dir: str, out: str | None) -> None:
     """Draw the loss curves of an experiment (from metrics.jsonl) as a PNG."""
-    from distill.metrics import plot_losses
+    from training.metrics import plot_losses
 
     click.echo(str(plot_losses(exp_dir, out)))

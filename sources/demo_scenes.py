@@ -1,6 +1,6 @@
 """Built-in demo data: deterministic 64x64 scenes of textured shapes with exact semantic and instance labels.
 
-Registered in :data:`dreamteacher.datasets.GENERATORS` as ``demo-scenes``; ``ensure_available`` calls
+Registered in :data:`sources.datasets.GENERATORS` as ``demo-scenes``; ``ensure_available`` calls
 :func:`generate` the first time a demo dataset's root is missing. Every layout the stages read is written from
 the same scene renderer:
 

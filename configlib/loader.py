@@ -1,6 +1,6 @@
 """Typed configuration: ``pipeline.yaml`` -> dataclasses, with dotted overrides and env-var paths.
 
-Every component owns one small dataclass (``encode.config.EncodeConfig``, ``bank.format.CodecConfig``, ...).
+Every component owns one small dataclass (``encode.config.EncodeConfig``, ``bank.config.BankConfig``, ...).
 This module only knows how to turn a YAML mapping into those dataclasses:
 
 * unknown keys are rejected with the full key path and the valid names;
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from configlib.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -244,10 +246,7 @@ def save_resolved(config: Any, folder: str | Path, name: str = "config.yaml") ->
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / name
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(target, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 __all__ = [

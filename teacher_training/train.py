@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from dreamteacher.config import save_resolved
-from dreamteacher.images import ImageDataset, list_images, to_model_range
+from configlib import save_resolved
 from dreamteacher.schema import PipelineConfig
-from teachers.config import TeacherTrainConfig
+from sources.images import ImageDataset, list_images, to_model_range
+from teacher_training.config import TeacherTrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -79,7 +79,7 @@ def build_scheduler(tc: TeacherTrainConfig) -> DDPMScheduler:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data (image listing and preprocessing: dreamteacher.images, shared with encode)
+# Data (image listing and preprocessing: sources.images, shared with encode)
 # ----------------------------------------------------------------------------------------------------------
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator that owns all randomness of one training step (makes resume exact)."""

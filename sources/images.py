@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dreamteacher.config import ConfigError, require_resolved
-from dreamteacher.datasets import DatasetConfig, ensure_available
+from configlib import ConfigError, require_resolved
+from sources.datasets import DatasetConfig, ensure_available
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}

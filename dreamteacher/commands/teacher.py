@@ -1,4 +1,4 @@
-"""``dreamteacher teacher``: train an unconditional DDPM teacher on unlabeled images (thin; see teachers.train)."""
+"""``dreamteacher teacher``: train an unconditional DDPM teacher on unlabeled images (thin; see teacher_training.train)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dreamteacher.options import config_options
 @config_options
 def teacher(cfg, resume: bool, no_progress: bool, stop_at_step: int | None) -> None:  # noqa: ANN001 - PipelineConfig
     """Train the teacher in the `teacher_train:` section; writes <out>/pipeline/ (unet/ + scheduler/)."""
-    from teachers.train import run_teacher_training
+    from teacher_training.train import run_teacher_training
 
     pipeline_dir = run_teacher_training(
         cfg, resume=resume, progress=not no_progress, stop_at_step=stop_at_step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dreamteacher.config import ConfigError
+from configlib import ConfigError
 from dreamteacher.options import config_options
 from dreamteacher.schema import PipelineConfig
 

@@ -1,0 +1,1 @@
+"""Stage: train a diffusion teacher (diffusers UNet2DModel + DDPM) on unlabeled domain images."""
