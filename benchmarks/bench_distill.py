@@ -94,7 +94,7 @@ def bench_bank_mode(bank: Path, out: Path, batch: int, steps: int, warmup: int) 
             f"distill.batch_size={batch}",
             f"distill.max_steps={warmup + steps}",
             "distill.log_every=1",
-            f"training.checkpoint_every={10**9}",
+            f"distill.checkpoint_every={10**9}",
         ],
     )
     run_distill(cfg, progress=False)

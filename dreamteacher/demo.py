@@ -86,11 +86,11 @@ def plan_demo(cfg: PipelineConfig, size: str) -> DemoPlan:
                     f"finetune.ckpt={backbone if init == 'distilled' else ''}", f"finetune.seed={seed}",
                     f"finetune.out={out / 'finetune'}", f"finetune.exp={size}-{task}-{init}-seed{seed}",
                 ])  # fmt: skip
-    students = {c.training.backbone for c in finetune.values()}
+    students = {c.finetune.backbone for c in finetune.values()}
     if students != {dist.distill.student.name}:
         raise ValueError(
             f"the demo fine-tunes backbones {sorted(students)} but distills {dist.distill.student.name!r}; "
-            f"set training.backbone and distill.student.name to the same timm model in demo.sizes.{size}"
+            f"set finetune.backbone and distill.student.name to the same timm model in demo.sizes.{size}"
         )
     return DemoPlan(out=out, encode=enc, distill=dist, finetune=finetune, backbone=backbone)
 

@@ -38,7 +38,7 @@ class DemoSizeConfig:
     """Use the first N of ``demo.seeds`` (0 = all)."""
 
 
-_DEMO_FINETUNE = ["training.backbone=resnet18", "finetune.num_workers=0", "finetune.batch_size=8",
+_DEMO_FINETUNE = ["finetune.backbone=resnet18", "finetune.num_workers=0", "finetune.batch_size=8",
                   "finetune.checkpoint_every=100000", "finetune.vis_samples=4"]  # fmt: skip
 _DEMO_FEWSHOT = [
     *_DEMO_FINETUNE, "finetune.segmentation.norm=batch", "finetune.segmentation.head.channels=64",
@@ -59,7 +59,7 @@ _DEMO_COCO = [
 ]  # fmt: skip
 _DEMO_DISTILL = ["distill.student.name=resnet18", "distill.regressor.channels=128", "distill.num_workers=0",
                  "distill.batch_size=32", "distill.optim.lr=0.002", "distill.optim.warmup_epochs=1",
-                 "distill.log_every=10", "training.checkpoint_every=100000"]  # fmt: skip
+                 "distill.log_every=10", "distill.checkpoint_every=100000"]  # fmt: skip
 
 
 def _demo_sizes() -> dict[str, DemoSizeConfig]:
@@ -94,13 +94,13 @@ def _demo_sizes() -> dict[str, DemoSizeConfig]:
             ],
             fewshot=[
                 *_DEMO_FEWSHOT,
-                "training.backbone=resnet10t",
+                "finetune.backbone=resnet10t",
                 "finetune.segmentation.iters=2",
                 "finetune.segmentation.optim.warmup_iters=1",
             ],
             coco=[
                 *_DEMO_COCO,
-                "training.backbone=resnet10t",
+                "finetune.backbone=resnet10t",
                 "finetune.detection.iters=2",
                 "finetune.detection.optim.warmup_iters=1",
                 "finetune.detection.filter_empty_train=false",

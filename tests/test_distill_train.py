@@ -165,7 +165,7 @@ def test_resume_is_bit_exact(bank_path: Path, tmp_path: Path) -> None:
     # 16 images / batch 4 = 4 steps per epoch: the split at step 3 and the run's end cross an epoch boundary
     full = run_distill(make_cfg(bank_path, tmp_path, "distill.exp=full"), progress=False)
     half = make_cfg(
-        bank_path, tmp_path, "distill.exp=split", "distill.stop_at_step=3", "training.checkpoint_every=2"
+        bank_path, tmp_path, "distill.exp=split", "distill.stop_at_step=3", "distill.checkpoint_every=2"
     )
     split = run_distill(half, progress=False)
     assert not (split / "backbone.safetensors").exists()  # not finished: no artifacts yet

@@ -14,7 +14,7 @@ from finetune import engine
 from finetune.run import run_finetune
 
 SEG = [
-    "training.backbone=resnet18",
+    "finetune.backbone=resnet18",
     "finetune.batch_size=2",
     "finetune.num_workers=0",
     "finetune.log_every=1",
@@ -115,7 +115,7 @@ def test_coco_run_writes_results_json(tmp_path):
             "coco",
             "det",
             "finetune.task=coco",
-            "training.backbone=resnet18",
+            "finetune.backbone=resnet18",
             "finetune.batch_size=2",
             "finetune.num_workers=0",
             "finetune.detection.iters=2",

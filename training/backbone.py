@@ -31,7 +31,7 @@ class Backbone(nn.Module):
         try:
             model = timm.create_model(name, pretrained=False)
         except RuntimeError as exc:  # timm raises RuntimeError("Unknown model ...")
-            raise ValueError(f"training.backbone={name!r} is not a timm model ({exc})") from exc
+            raise ValueError(f"finetune.backbone={name!r} is not a timm model ({exc})") from exc
         if not hasattr(model, "forward_intermediates"):
             raise ValueError(
                 f"timm model {name!r} has no forward_intermediates(); pick a CNN such as resnet50"
@@ -84,13 +84,13 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
         if state[k].shape != own[k].shape
     )
     if missing or unexpected or mismatched:
-        lines = [f"{path} does not match timm model {backbone.name!r} (training.backbone):"]
+        lines = [f"{path} does not match timm model {backbone.name!r} (finetune.backbone):"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if keys:
                 lines.append(
                     f"  {title} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
                 )
-        lines.append("Set training.backbone to the architecture the file was trained with.")
+        lines.append("Set finetune.backbone to the architecture the file was trained with.")
         raise ValueError("\n".join(lines))
     backbone.model.load_state_dict({k: state[k] for k in expected}, strict=True)
 
