@@ -141,3 +141,59 @@ def test_detection_batch_of_only_empty_targets():
     losses = model([torch.rand(3, 64, 64)], [targets[1]])
     assert torch.isfinite(sum(losses.values())) and losses["loss_mask"].item() == 0.0
     sum(losses.values()).backward()
+
+
+# --- Mask R-CNN box maths under bf16 autocast (issue 18 item 9) ---------------------------------------------
+# bf16 has 8 significant bits: every value in [512, 1024) is a multiple of 4 and in [1024, 2048) of 8. Boxes
+# computed in bf16 land on that grid (1003 -> 1004, 1333 -> 1336); float32 boxes practically never do.
+
+
+def _on_bf16_grid(coords: torch.Tensor) -> torch.Tensor:
+    """True where a coordinate equals its own bf16 rounding (the grid a bf16 box is stuck on)."""
+    return coords == coords.to(torch.bfloat16).float()
+
+
+def test_mask_rcnn_anchors_stay_float32_under_bf16_feature_maps():
+    from torchvision.models.detection.image_list import ImageList
+
+    model = build_mask_rcnn(Backbone("resnet18"), 3, TINY_DET)
+    images = ImageList(torch.zeros(1, 3, 800, 1344), [(800, 1333)])
+    shapes = [(200, 336), (100, 168), (50, 84), (25, 42), (13, 21)]  # P2..P6 of a COCO-size image
+    feats32 = [torch.zeros(1, 1, h, w) for h, w in shapes]
+    (reference,) = model.rpn.anchor_generator(images, feats32)
+    (anchors,) = model.rpn.anchor_generator(images, [f.to(torch.bfloat16) for f in feats32])
+    assert anchors.dtype == torch.float32
+    assert torch.equal(anchors, reference)
+    # By hand: P2 (stride 4, size 8), row 0, column 257 -> centre (1028, 0); its first anchor (aspect 0.5) is
+    # round(8 / sqrt(0.5) / 2) = 6 wide and round(8 * sqrt(0.5) / 2) = 3 high each side: [1022, -3, 1034, 3].
+    # bf16 cannot hold 1022 or 1034 (8-px steps above 1024).
+    assert reference[257 * 3].tolist() == [1022.0, -3.0, 1034.0, 3.0]
+
+
+def test_mask_rcnn_boxes_are_float32_and_off_the_bf16_grid_under_cpu_autocast():
+    torch.manual_seed(0)
+    cfg = DetectionConfig(**{**TINY_DET.__dict__, "train_min_sizes": [64], "max_size": 1024})
+    model = build_mask_rcnn(Backbone("resnet18"), 3, cfg).eval()
+    proposals = []
+    model.rpn.register_forward_hook(lambda module, args, out: proposals.extend(out[0]))
+    image = torch.rand(3, 64, 1024)  # wide: boxes reach x in [512, 1024), where bf16 steps are 4 px
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (pred,) = model([image])
+    (props,) = proposals
+    assert props.dtype == torch.float32 and pred["boxes"].dtype == torch.float32
+    assert pred["scores"].dtype == torch.float32 and pred["masks"].dtype == torch.float32
+    for boxes in (props, pred["boxes"]):
+        far = boxes[:, 0::2][(boxes[:, 0::2] >= 512) & (boxes[:, 0::2] < 1024)]
+        assert far.numel() >= 10, "the test needs boxes in the 4-px bf16 range"
+        # In bf16 every one of them is on the grid; in float32 (almost) none are.
+        assert _on_bf16_grid(far).float().mean().item() < 0.2
+
+
+def test_mask_rcnn_training_losses_under_cpu_autocast_are_float32_and_finite():
+    torch.manual_seed(0)
+    model = build_mask_rcnn(Backbone("resnet18"), 2, TINY_DET).train()
+    images, targets = _det_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
