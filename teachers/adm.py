@@ -488,13 +488,17 @@ class ADMTeacher(Teacher):
         *,
         class_label: int | None = None,
         preset: str = "",
+        key: str = "teachers.<name>.checkpoint",
     ) -> ADMTeacher:
-        """Build from flags and load the original guided-diffusion state dict (``torch.save(model.state_dict())``)."""
+        """Build from flags and load the original guided-diffusion state dict (``torch.save(model.state_dict())``).
+
+        ``key`` is the config key the checkpoint came from, for the not-found message."""
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(
-                f"ADM checkpoint {str(path)!r} not found (teacher.checkpoint); download e.g. "
-                "256x256_diffusion_uncond.pt from openai/guided-diffusion and point ADM_CKPT at it"
+                f"ADM checkpoint {str(path)!r} not found ({key}); download e.g. 256x256_diffusion_uncond.pt from "
+                f"openai/guided-diffusion and point {key} (in pipeline.yaml: ${{ADM_CKPT}}) at it, "
+                "e.g. `export ADM_CKPT=/path/to/256x256_diffusion_uncond.pt`"
             )
         unet = adm_from_flags(flags)
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,6 +1,6 @@
 """A diffusers ``UNet2DModel`` (e.g. the DDPM this project trains, or google/ddpm-*) as a frozen teacher.
 
-Accepted ``teacher.path`` values:
+Accepted ``teachers.<name>.path`` values:
 
 * a pipeline folder written by ``DDPMPipeline.save_pretrained``: ``unet/`` and ``scheduler/`` subfolders;
 * a bare UNet folder (``UNet2DModel.save_pretrained``: ``config.json`` + weights) with the scheduler's
@@ -71,8 +71,10 @@ class DiffusersTeacher(Teacher):
         )
 
     @classmethod
-    def from_pretrained(cls, path: str) -> DiffusersTeacher:
-        """Load a local ``save_pretrained`` folder (pipeline or bare UNet + scheduler config) or a hub id."""
+    def from_pretrained(cls, path: str, *, key: str = "teachers.<name>.path") -> DiffusersTeacher:
+        """Load a local ``save_pretrained`` folder (pipeline or bare UNet + scheduler config) or a hub id.
+
+        ``key`` is the config key ``path`` came from, for the error messages."""
         from diffusers import DDPMScheduler, UNet2DModel
 
         folder = Path(path).expanduser()
@@ -87,17 +89,15 @@ class DiffusersTeacher(Teacher):
                 weights_dir = folder
             else:
                 raise FileNotFoundError(
-                    f"teacher.path {str(folder)!r} is neither a pipeline folder (unet/ + scheduler/) nor a UNet "
+                    f"{key} {str(folder)!r} is neither a pipeline folder (unet/ + scheduler/) nor a UNet "
                     "folder with config.json and scheduler_config.json; save the teacher with save_pretrained"
                 )
             return cls(unet, scheduler, path=str(folder), weight_files=_weight_files(weights_dir))
         if folder.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
-            raise FileNotFoundError(
-                f"teacher.path {path!r} does not exist (and is not a hub id 'owner/name')"
-            )
+            raise FileNotFoundError(f"{key} {path!r} does not exist (and is not a hub id 'owner/name')")
         if Path(path.split("/")[0]).is_dir():  # e.g. assets/demo-teacher before the teacher is trained
             raise FileNotFoundError(
-                f"teacher.path {path!r} does not exist; its first component is a local folder, so it is not tried "
+                f"{key} {path!r} does not exist; its first component is a local folder, so it is not tried "
                 "as a hub id. Create the teacher there (save_pretrained) or fix the path."
             )
         errors = []
@@ -110,7 +110,7 @@ class DiffusersTeacher(Teacher):
                 continue
             return cls(unet, scheduler, path=path)
         raise FileNotFoundError(
-            f"teacher.path {path!r} is not a local folder and could not be loaded as a hub id:\n  "
+            f"{key} {path!r} is not a local folder and could not be loaded as a hub id:\n  "
             + "\n  ".join(errors)
         )
 

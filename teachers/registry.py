@@ -1,57 +1,87 @@
-"""Build a frozen teacher from its config: a registry of model families keyed by ``TeacherConfig.kind``."""
+"""Build a frozen teacher from its config: a registry of model families keyed by ``TeacherConfig.kind``.
+
+Messages name the real config key, ``teachers.<name>.<field>`` (the entry under ``teachers:`` in pipeline.yaml);
+callers that know the entry's name pass it to :func:`build_teacher`, otherwise the key shows ``<name>``.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
 
-from configlib import require_resolved
+from configlib import ConfigError, require_resolved
 from teachers.base import Teacher
 from teachers.config import TapConfig, TeacherConfig
 
+_UNSET_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+"""``${VAR}`` left in a value by the config loader: the variable was not set (``${VAR:-default}`` is expanded)."""
 
-def _load_diffusers(cfg: TeacherConfig) -> Teacher:
+
+def entry_key(name: str) -> str:
+    """The config key of a teacher entry: ``teachers.<name>``."""
+    return f"teachers.{name or '<name>'}"
+
+
+def _load_diffusers(cfg: TeacherConfig, entry: str) -> Teacher:
     from teachers.diffusers_unet import DiffusersTeacher
 
+    key = f"{entry}.path"
     if not cfg.path:
-        raise ValueError("teacher.path is empty: set it to a diffusers save_pretrained folder or a hub id")
-    return DiffusersTeacher.from_pretrained(require_resolved(cfg.path, "teacher.path"))
+        raise ValueError(f"{key} is empty: set it to a diffusers save_pretrained folder or a hub id")
+    return DiffusersTeacher.from_pretrained(require_resolved(cfg.path, key), key=key)
 
 
-def _load_adm(cfg: TeacherConfig) -> Teacher:
+def _load_adm(cfg: TeacherConfig, entry: str) -> Teacher:
     from teachers.adm import ADMTeacher
     from teachers.adm_presets import preset_flags
 
+    key = f"{entry}.checkpoint"
     if not cfg.checkpoint:
         raise ValueError(
-            "teacher.checkpoint is empty: set it to a guided-diffusion .pt file "
-            "(e.g. checkpoint: ${ADM_CKPT} with ADM_CKPT=/path/to/256x256_diffusion_uncond.pt)"
+            f"{key} is empty: set it to a guided-diffusion .pt file "
+            "(e.g. checkpoint: ${ADM_CKPT} with `export ADM_CKPT=/path/to/256x256_diffusion_uncond.pt`)"
+        )
+    unset = _UNSET_VAR.findall(cfg.checkpoint)
+    if unset:
+        var = unset[0]
+        raise ConfigError(
+            f"{key} is {cfg.checkpoint!r}, but the environment variable {var} is not set: "
+            f"`export {var}=/path/to/<guided-diffusion checkpoint>.pt` "
+            f"(e.g. 256x256_diffusion_uncond.pt from openai/guided-diffusion) or pass {key}=/path/to/model.pt"
         )
     if not cfg.preset and not cfg.flags:
         raise ValueError(
-            "an adm teacher needs teacher.preset (e.g. adm-256-uncond) or the full teacher.flags"
+            f"an adm teacher needs {entry}.preset (e.g. adm-256-uncond) or the full {entry}.flags"
         )
     return ADMTeacher.from_checkpoint(
-        require_resolved(cfg.checkpoint, "teacher.checkpoint"),
+        require_resolved(cfg.checkpoint, key),
         preset_flags(cfg.preset, cfg.flags),
         class_label=cfg.class_label,
         preset=cfg.preset,
+        key=key,
     )
 
 
-TEACHER_KINDS: dict[str, Callable[[TeacherConfig], Teacher]] = {
+TEACHER_KINDS: dict[str, Callable[[TeacherConfig, str], Teacher]] = {
     "diffusers": _load_diffusers,
     "adm": _load_adm,
 }
-"""kind -> loader returning the teacher on CPU in float32. A new family adds one entry (docs/teachers.md)."""
+"""kind -> loader ``(config, entry key "teachers.<name>") -> teacher`` on CPU in float32. A new family adds one
+entry (docs/teachers.md); the entry key is for its error messages."""
 
 
-def build_teacher(cfg: TeacherConfig, device: torch.device | str) -> Teacher:
-    """Load the teacher, freeze it (eval, no grads) and move it to ``device`` (channels_last on CUDA if set)."""
+def build_teacher(cfg: TeacherConfig, device: torch.device | str, *, name: str = "") -> Teacher:
+    """Load the teacher, freeze it (eval, no grads) and move it to ``device`` (channels_last on CUDA if set).
+
+    ``name`` is the teacher's entry under ``teachers:``; it only makes error messages name the exact key.
+    """
     if cfg.kind not in TEACHER_KINDS:
-        raise ValueError(f"unknown teacher kind {cfg.kind!r}; valid kinds: {', '.join(TEACHER_KINDS)}")
-    teacher = TEACHER_KINDS[cfg.kind](cfg)
+        raise ValueError(
+            f"unknown teacher kind {cfg.kind!r} ({entry_key(name)}.kind); valid kinds: {', '.join(TEACHER_KINDS)}"
+        )
+    teacher = TEACHER_KINDS[cfg.kind](cfg, entry_key(name))
     return freeze(teacher, torch.device(device), channels_last=cfg.channels_last)
 
 

@@ -172,9 +172,9 @@ def test_build_teacher_adm_from_config_is_frozen(tmp_path: Path) -> None:
     ident = teacher.identity()
     assert ident["kind"] == "adm" and len(ident["weights_sha256"]) == 64
     missing = TeacherConfig(kind="adm", preset="adm-256-uncond", checkpoint=str(tmp_path / "nope.pt"))
-    with pytest.raises(FileNotFoundError, match="teacher.checkpoint"):
+    with pytest.raises(FileNotFoundError, match=r"teachers\.<name>\.checkpoint"):
         build_teacher(missing, "cpu")
-    with pytest.raises(ValueError, match="teacher.checkpoint is empty"):
+    with pytest.raises(ValueError, match=r"teachers\.<name>\.checkpoint is empty"):
         build_teacher(TeacherConfig(kind="adm", preset="adm-256-uncond"), "cpu")
 
 
@@ -215,3 +215,41 @@ def test_weights_sha256_is_the_checkpoints_sha256sum_and_computed_on_first_use()
     assert teacher.identity()["weights_sha256"] == expected
     in_memory = ADMTeacher(adm_from_flags(json.loads((DATA / "adm-tiny-heads" / "flags.json").read_text())))
     assert len(in_memory.weights_sha256) == 64 and in_memory.weights_sha256 != expected
+
+
+def _real_keys_of(message: str) -> list[str]:
+    """Dotted config keys a message names (``teachers.<x>.checkpoint`` style and the old ``teacher.<x>``)."""
+    import re
+
+    return re.findall(r"\bteachers?\.[A-Za-z0-9_<>-]+(?:\.[A-Za-z0-9_]+)?", message)
+
+
+def test_unset_adm_ckpt_names_the_real_config_key_and_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pipeline.yaml has ``teachers: {adm-256-uncond: {checkpoint: ${ADM_CKPT}}}``: there is no ``teacher.checkpoint``."""
+    from configlib import ConfigError
+    from dreamteacher.schema import load_pipeline
+
+    monkeypatch.delenv("ADM_CKPT", raising=False)
+    cfg = load_pipeline("pipeline.yaml", [])
+    name = "adm-256-uncond"
+    with pytest.raises(ConfigError) as err:
+        build_teacher(cfg.teacher(name), "cpu", name=name)
+    message = str(err.value)
+    assert "\n" not in message and "ADM_CKPT" in message and "export ADM_CKPT=" in message
+    assert _real_keys_of(message) and set(_real_keys_of(message)) == {f"teachers.{name}.checkpoint"}
+    # Without the entry's name the key is still the real one, with a placeholder for the name.
+    with pytest.raises(ConfigError, match=r"teachers\.<name>\.checkpoint") as err:
+        build_teacher(cfg.teacher(name), "cpu")
+    assert "teacher.checkpoint" not in str(err.value)
+
+
+def test_missing_or_empty_adm_checkpoint_names_the_real_config_key(tmp_path: Path) -> None:
+    missing = TeacherConfig(kind="adm", preset="adm-256-uncond", checkpoint=str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError) as err:
+        build_teacher(missing, "cpu", name="adm-256-uncond")
+    assert set(_real_keys_of(str(err.value))) == {"teachers.adm-256-uncond.checkpoint"}
+    assert "ADM_CKPT" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        build_teacher(TeacherConfig(kind="adm", preset="adm-256-uncond"), "cpu", name="adm-256-uncond")
+    assert "is empty" in str(err.value)
+    assert set(_real_keys_of(str(err.value))) == {"teachers.adm-256-uncond.checkpoint"}

@@ -103,7 +103,7 @@ def test_v_prediction_is_converted_to_epsilon() -> None:
 def test_registry_errors_name_the_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="valid kinds: diffusers, adm"):
         build_teacher(TeacherConfig(kind="gan"), "cpu")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="teacher.path is empty"):
+    with pytest.raises(ValueError, match=r"teachers\.<name>\.path is empty"):
         build_teacher(TeacherConfig(kind="diffusers"), "cpu")
     with pytest.raises(FileNotFoundError, match="neither a pipeline folder"):
         build_teacher(TeacherConfig(kind="diffusers", path=str(tmp_path)), "cpu")
