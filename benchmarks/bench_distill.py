@@ -30,6 +30,7 @@ from distill.model import DistillNet
 from distill.student import build_student
 from distill.train import build_optimizer, build_schedule, run_distill
 from distill.trainer import StepSettings, Trainer
+from dreamteacher.resolve import resolve
 from dreamteacher.schema import load_pipeline
 from teachers.adm import ADMTeacher, adm_default_taps, adm_from_flags, adm_tap_shapes
 from teachers.adm_presets import preset_flags
@@ -97,7 +98,7 @@ def bench_bank_mode(bank: Path, out: Path, batch: int, steps: int, warmup: int) 
             f"distill.checkpoint_every={10**9}",
         ],
     )
-    run_distill(cfg, progress=False)
+    run_distill(resolve(cfg, "distill"), progress=False)
     records = read_metrics(out / "bench-bank" / "metrics.jsonl")[warmup:]
     step_s = [batch / r["images_per_s"] for r in records]
     return {

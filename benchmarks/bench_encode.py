@@ -87,6 +87,7 @@ def bench_end_to_end(
 ) -> dict:
     """Bare teacher read-out vs ``run_encode`` on the images in ``tmp/images``: ``repeats`` end-to-end runs, each
     between two bare runs."""
+    from dreamteacher.resolve import resolve
     from dreamteacher.schema import load_pipeline
     from encode.pipeline import run_encode
     from encode.worker import EncodeSettings, get_encoder
@@ -108,19 +109,15 @@ def bench_end_to_end(
             *extra,
         ],
     )
-    enc = cfg.encode
-    flips = 2 if enc.flips == "both" else 1
-    views = enc.draws * flips
-    settings = EncodeSettings(
-        teacher=cfg.teachers["bench"], mode=enc.mode, t=150, ddim_steps=enc.ddim_steps, resolution=0,
-        draws=enc.draws, flips=flips, seed=enc.seed, batch_size=enc.batch_size, num_workers=enc.num_workers,
-        prefetch_factor=enc.prefetch_factor, device=enc.device, cpu_threads=enc.cpu_threads,
-    )  # fmt: skip
+    inputs = resolve(cfg, "encode")
+    enc = inputs.encode
+    settings = EncodeSettings(encode=enc, teacher=inputs.teacher)
+    flips, views = settings.flips, settings.views_per_image
     encoder, _ = get_encoder(settings)  # the same cached encoder run_encode's in-process tasks use
     params = sum(p.numel() for p in encoder.teacher.parameters())
 
     # 1. Bare read-out on pre-decoded batches with the same composition as the encode's.
-    records = list_images("bench", cfg.datasets["bench"])
+    records = list_images("bench", inputs.dataset)
     per_batch = max(1, enc.batch_size // views)
     batches = []
     for start in range(0, len(records), per_batch):
@@ -150,13 +147,13 @@ def bench_end_to_end(
     #    2x slower on the interpreter's main thread than on a fresh thread, which would flatter the ratio.
     #    One untimed encode first, as the bare loop had its warm-up: it starts the process's decoding workers,
     #    a one-off of a few seconds per encode process that a real run pays once, not per batch.
-    run_encode(cfg, use_dask=False, progress=False)
+    run_encode(inputs, use_dask=False, progress=False)
     bare, e2e, teacher = [], [], []
     with ThreadPoolExecutor(max_workers=1) as pool:
         bare.append(pool.submit(bare_seconds).result())
         for _ in range(repeats):
             shutil.rmtree(tmp / "bank.zarr", ignore_errors=True)
-            summary = run_encode(cfg, use_dask=False, progress=False)
+            summary = run_encode(inputs, use_dask=False, progress=False)
             e2e.append(summary.wall_seconds)
             teacher.append(summary.teacher_seconds)
             bare.append(pool.submit(bare_seconds).result())

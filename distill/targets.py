@@ -32,62 +32,32 @@ class BankTargets:
 class OnlineTargets:
     """Recompute the bank's targets with its teacher from the stored input pixels and the same noise rule.
 
-    Encoding mode, T, DDIM steps, taps and resolution come from the bank's attributes (what encode recorded);
-    the teacher is the pipeline config's ``teachers.<name>`` for the recorded name, with the recorded settings,
-    and must have the recorded weights (sha256). A row's noise comes from its stored seed and flip
-    (``teachers.encoding.make_noise``), so the targets equal the stored ones up to the bank codec's error.
+    The read-out (mode, T, DDIM steps, taps, resolution) is the bank's recorded ``teachers.provenance.Provenance``,
+    rebuilt by the same ``build_encoder`` encode uses; the teacher entry of the recorded name in this config gives
+    only the weights' location, and the weights must be the recorded ones (sha256). A row's noise comes from its
+    stored seed and flip (``teachers.encoding.make_noise``), so the targets equal the stored ones up to the bank
+    codec's error.
     """
 
     def __init__(
         self, bank_attrs: dict[str, Any], teachers: dict[str, Any], levels: list[str], device: torch.device
     ) -> None:
-        from configlib import from_mapping, to_dict
-        from teachers import build_teacher
-        from teachers.config import TapConfig, TeacherConfig
-        from teachers.encoding import TeacherEncoder
+        from teachers.provenance import Provenance, build_encoder
 
-        try:
-            recorded, encoding = bank_attrs["teacher"], bank_attrs["encoding"]
-            taps = {
-                tap["name"]: TapConfig(module=tap["module"], point=tap["point"], stride=int(tap["stride"]))
-                for tap in bank_attrs["taps"]
-            }
-            resolution = int(bank_attrs["preprocessing"]["resolution"])
-        except KeyError as exc:
-            raise ValueError(
-                f"the bank's attributes lack {exc}, needed to rebuild its teacher for --online; "
-                "re-encode the bank with this version of `dreamteacher encode`"
-            ) from exc
-        name = recorded["name"]
+        provenance = Provenance.from_dict(bank_attrs)
+        name = provenance.teacher_name
         if name not in teachers:
             raise ValueError(
                 f"--online: the bank was encoded by teacher {name!r}, which is not in the config's "
                 f"teachers ({', '.join(sorted(teachers))}); add it with its path / checkpoint"
             )
-        # the recorded settings; the weights' location (machine-specific, not recorded) from this config
-        local = to_dict(teachers[name])
-        teacher_cfg = from_mapping(
-            TeacherConfig, {**recorded["config"], "path": local["path"], "checkpoint": local["checkpoint"]}
+        teacher_cfg = provenance.teacher_config_at(teachers[name])
+        self.encoder = build_encoder(
+            teacher_cfg, provenance.encoding, device, taps=provenance.tap_configs(levels)
         )
-        self.teacher = build_teacher(teacher_cfg, device)
-        want, have = recorded["identity"].get("weights_sha256"), self.teacher.identity().get("weights_sha256")
-        if want != have:
-            raise ValueError(
-                f"--online: teacher {name!r} weights have sha256 {have}, the bank was encoded with "
-                f"{want}; point teachers.{name} at the original weights"
-            )
-        self.encoder = TeacherEncoder(
-            self.teacher,
-            [taps[level] for level in levels],
-            mode=encoding["mode"],
-            t=int(encoding["t"]),
-            ddim_steps=int(encoding.get("ddim_steps", 0)),
-            resolution=resolution,
-            device=device,
-            dtype_name=teacher_cfg.dtype,
-            channels_last=teacher_cfg.channels_last,
-        )
-        self.device, self.levels, self.mode = device, levels, encoding["mode"]
+        self.teacher = self.encoder.teacher
+        provenance.check_weights(self.teacher.identity())
+        self.device, self.levels, self.mode = device, levels, provenance.encoding.mode
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         from teachers.encoding import make_noise

@@ -25,11 +25,11 @@ from tqdm import tqdm
 from configlib import save_resolved
 from distill.config import DistillConfig
 from distill.export import export_artifacts
+from distill.inputs import DistillInputs
 from distill.model import DistillNet
 from distill.student import STUDENT_STRIDES, build_student
 from distill.targets import BankTargets, LabelLogits, OnlineTargets
 from distill.trainer import StepSettings, Trainer
-from dreamteacher.schema import PipelineConfig
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.metrics import METRICS_NAME, MetricsLog, truncate_metrics
 
@@ -73,10 +73,6 @@ def init_distributed(device_name: str) -> DistContext:
 # ------------------------------------------------------------------------------------------------------------
 # Bank checks
 # ------------------------------------------------------------------------------------------------------------
-def bank_path_for(cfg: PipelineConfig) -> Path:
-    return Path(cfg.distill.bank or f"banks/{cfg.encode.data}.zarr")
-
-
 def check_bank_fits(bank: Any, dcfg: DistillConfig) -> list[str]:
     """Levels to distill; raises ``ValueError`` with every reason the bank does not fit this run."""
     problems = []
@@ -168,17 +164,17 @@ def _autocast_dtype(dcfg: DistillConfig, device: torch.device) -> torch.dtype | 
 # ------------------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------------------
-def run_distill(cfg: PipelineConfig, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train ``cfg.distill.student`` on the bank's targets; returns the experiment folder."""
+def run_distill(inputs: DistillInputs, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train ``inputs.distill.student`` on the bank's targets; returns the experiment folder."""
     from bank import Bank, make_loader
 
-    dcfg = cfg.distill
+    dcfg = inputs.distill
     ctx = init_distributed(dcfg.device)
     exp_dir = Path(dcfg.out) / dcfg.exp
     torch.manual_seed(dcfg.seed)
 
     # 1. open the bank read-only and check it fits the run
-    bank = Bank.open(bank_path_for(cfg))
+    bank = Bank.open(dcfg.bank)
     levels = check_bank_fits(bank, dcfg)
     ckpt_path = exp_dir / CHECKPOINT_NAME
     if not resume and ckpt_path.exists():
@@ -188,7 +184,7 @@ def run_distill(cfg: PipelineConfig, *, resume: bool = False, progress: bool = T
     if ctx.is_main:
         exp_dir.mkdir(parents=True, exist_ok=True)
         record_bank(exp_dir, bank, resume=resume)
-        save_resolved(cfg, exp_dir)
+        save_resolved(inputs, exp_dir)
     if ctx.world_size > 1:
         dist.barrier()
     if resume and ctx.world_size > 1 and not ctx.is_main:
@@ -215,7 +211,7 @@ def run_distill(cfg: PipelineConfig, *, resume: bool = False, progress: bool = T
             f"batch size ({dcfg.batch_size // ctx.world_size}); lower distill.batch_size"
         )
     targets = (
-        OnlineTargets(bank.spec.attributes, cfg.teachers, levels, ctx.device)
+        OnlineTargets(bank.spec.attributes, inputs.teachers, levels, ctx.device)
         if dcfg.online
         else BankTargets(ctx.device, levels)
     )

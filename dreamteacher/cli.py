@@ -17,7 +17,7 @@ COMMANDS: dict[str, str] = {
     "bank": "dreamteacher.commands.bank:bank",
     "distill": "dreamteacher.commands.distill:distill",
     "finetune": "dreamteacher.commands.finetune:finetune",
-    "demo": "dreamteacher.demo:demo_command",
+    "demo": "dreamteacher.commands.demo:demo",
 }
 
 

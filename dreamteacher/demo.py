@@ -30,7 +30,7 @@ import click
 from tqdm import tqdm
 
 from configlib import apply_overrides, from_mapping, save_resolved, to_dict
-from dreamteacher.options import config_options
+from dreamteacher.resolve import resolve
 from dreamteacher.schema import DemoConfig, DemoSizeConfig, PipelineConfig
 from sources.datasets import ensure_available
 
@@ -151,7 +151,9 @@ def _finetune_one(cfg: PipelineConfig, threads: int, progress: bool = False) -> 
     if threads > 0:
         torch.set_num_threads(threads)
     folder = Path(cfg.finetune.out) / cfg.finetune.exp
-    return run_finetune(cfg, resume=(folder / "checkpoint.pt").is_file(), progress=progress)
+    return run_finetune(
+        resolve(cfg, "finetune"), resume=(folder / "checkpoint.pt").is_file(), progress=progress
+    )
 
 
 def parallel_runs(demo: DemoConfig, device: str, pending: int) -> tuple[int, int]:
@@ -241,7 +243,8 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
     # 2. Encode the unlabeled images with the teacher into the bank (resumes / no-op when done).
     tick = time.perf_counter()
     click.echo("demo 2/4: encode (teacher -> feature bank)")
-    encode_summary = run_encode(plan.encode, use_dask=cfg.demo.use_dask, progress=progress)
+    encode_inputs = resolve(plan.encode, "encode")
+    encode_summary = run_encode(encode_inputs, use_dask=cfg.demo.use_dask, progress=progress)
     timings["encode"] = time.perf_counter() - tick
 
     # 3. Distill the student from the bank (reused when its backbone was already exported).
@@ -250,7 +253,7 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
     exp_dir = plan.backbone.parent
     if not plan.backbone.is_file():
         resume = (exp_dir / "checkpoint.pt").is_file()
-        exp_dir = run_distill(plan.distill, resume=resume, progress=progress)
+        exp_dir = run_distill(resolve(plan.distill, "distill"), resume=resume, progress=progress)
     timings["distill"] = time.perf_counter() - tick
 
     # 4. Fine-tune both inits over the seeds (finished runs are reused; several at once on a multi-core CPU).
@@ -260,7 +263,8 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
 
     # 5. Teacher diagnostic: linear probes of teacher / random-teacher / pixel features on the few-label split.
     tick = time.perf_counter()
-    probe = run_probe(plan.encode, data=TASKS["fewshot"][0], teacher_name=cfg.demo.teacher)
+    fewshot = TASKS["fewshot"][0]
+    probe = run_probe(encode_inputs, fewshot, plan.encode.dataset(fewshot))
     timings["probe"] = time.perf_counter() - tick
 
     # 6. Table, results file, report.
@@ -288,11 +292,3 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
     click.echo("\n" + table)
     click.echo(f"\nreport: {report}  ({timings['total']:.0f} s)")
     return results
-
-
-@click.command("demo")
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-@config_options
-def demo_command(cfg: PipelineConfig, no_progress: bool) -> None:
-    """The whole pipeline on built-in data: data -> encode -> distill -> fine-tune (distilled vs random init)."""
-    run_demo(cfg, cfg.demo.size, progress=not no_progress)

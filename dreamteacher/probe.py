@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dreamteacher.schema import PipelineConfig
-from sources.datasets import ensure_available
+from encode.inputs import EncodeInputs
+from sources.datasets import DatasetConfig, ensure_available
 from teachers.base import FeatureTaps
 from teachers.encoding import q_sample
 from teachers.registry import build_teacher, resolve_taps
@@ -101,19 +101,19 @@ def linear_probe_miou(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
     return 100.0 * float(np.mean(ious))
 
 
-def run_probe(
-    cfg: PipelineConfig, data: str = "demo-fewshot", teacher_name: str = "demo"
-) -> dict[str, float]:
-    """Linear-probe mIoU (%) of the feature sets in the module docstring on ``data`` (a fewshot-layout set)."""
+def run_probe(encode: EncodeInputs, data: str, dataset: DatasetConfig) -> dict[str, float]:
+    """Linear-probe mIoU (%) of the feature sets in the module docstring on ``data`` (a fewshot-layout set).
+
+    The teacher and T are the resolved encode inputs' (``dreamteacher.resolve``), i.e. what the bank used.
+    """
     from diffusers import DDPMScheduler
 
     from teachers.diffusers_unet import DiffusersTeacher
 
-    root = ensure_available(data, cfg.dataset(data))
+    root = ensure_available(data, dataset)
     num_classes = len((root / "classes.txt").read_text().split())
     (train_u8, train_y), (test_u8, test_y) = _load_split(root, "train"), _load_split(root, "test")
-    t = cfg.dataset(cfg.encode.data).t or cfg.encode.t
-    tcfg = cfg.teacher(teacher_name)
+    t, tcfg = encode.encode.t, encode.teacher
     teacher = build_teacher(tcfg, "cpu")
     taps = resolve_taps(teacher, tcfg)
     # 1. The same architecture with random weights (the trained teacher's config, re-initialised).

@@ -38,76 +38,19 @@ class DemoSizeConfig:
     """Use the first N of ``demo.seeds`` (0 = all)."""
 
 
-_DEMO_FINETUNE = ["finetune.backbone=resnet18", "finetune.num_workers=0", "finetune.batch_size=8",
-                  "finetune.checkpoint_every=100000", "finetune.vis_samples=4"]  # fmt: skip
-_DEMO_FEWSHOT = [
-    *_DEMO_FINETUNE, "finetune.segmentation.norm=batch", "finetune.segmentation.head.channels=64",
-    "finetune.segmentation.head.aux_channels=32", "finetune.segmentation.aug.scale=[64,64]",
-    "finetune.segmentation.aug.crop_size=64", "finetune.segmentation.eval.mode=whole",
-    "finetune.segmentation.eval.crop_size=64", "finetune.segmentation.optim.lr=0.001",
-    "finetune.segmentation.optim.warmup_iters=20", "finetune.log_every=10",
-]  # fmt: skip
-_DEMO_COCO = [
-    *_DEMO_FINETUNE, "finetune.detection.norm=batch", "finetune.detection.train_min_sizes=[64]",
-    "finetune.detection.max_size=64", "finetune.detection.fpn_channels=64",
-    "finetune.detection.anchor_sizes=[8,16,32,64,128]", "finetune.detection.box_head_dim=128",
-    "finetune.detection.mask_head_channels=32", "finetune.detection.detections_per_img=20",
-    # RoI budgets for 64x64 scenes with <= 4 objects (torchvision's defaults are for 800 px COCO): 3.4x faster steps
-    "finetune.detection.rpn_post_nms_top_n_train=200", "finetune.detection.rpn_post_nms_top_n_test=200",
-    "finetune.detection.box_batch_size_per_image=64",
-    "finetune.detection.optim.warmup_iters=20", "finetune.log_every=10",
-]  # fmt: skip
-_DEMO_DISTILL = ["distill.student.name=resnet18", "distill.regressor.channels=128", "distill.num_workers=0",
-                 "distill.batch_size=32", "distill.optim.lr=0.002", "distill.optim.warmup_epochs=1",
-                 "distill.log_every=10", "distill.checkpoint_every=100000"]  # fmt: skip
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+"""Shipped recipe files (``configs/demo/<size>.yaml``); tests/test_recipes.py loads and validates every one."""
 
 
-def _demo_sizes() -> dict[str, DemoSizeConfig]:
-    return {
-        "full": DemoSizeConfig(
-            encode=[
-                "datasets.demo.limit=1000",
-                "encode.draws=1",
-                "encode.flips=both",
-                "encode.batch_size=32",
-                "encode.num_workers=0",
-            ],  # fmt: skip
-            distill=[*_DEMO_DISTILL, "distill.max_steps=300"],
-            fewshot=[*_DEMO_FEWSHOT, "finetune.segmentation.iters=150"],
-            coco=[*_DEMO_COCO, "finetune.detection.iters=100"],
-        ),
-        "debug": DemoSizeConfig(
-            encode=[
-                "datasets.demo.limit=16",
-                "encode.draws=1",
-                "encode.flips=none",
-                "encode.batch_size=16",
-                "encode.num_workers=0",
-            ],  # fmt: skip
-            # debug: the smallest ResNet in timm with strides 4-32 (4.9M parameters) keeps the test short
-            distill=[
-                *_DEMO_DISTILL,
-                "distill.student.name=resnet10t",
-                "distill.batch_size=8",
-                "distill.max_steps=2",
-                "distill.log_every=1",
-            ],
-            fewshot=[
-                *_DEMO_FEWSHOT,
-                "finetune.backbone=resnet10t",
-                "finetune.segmentation.iters=2",
-                "finetune.segmentation.optim.warmup_iters=1",
-            ],
-            coco=[
-                *_DEMO_COCO,
-                "finetune.backbone=resnet10t",
-                "finetune.detection.iters=2",
-                "finetune.detection.optim.warmup_iters=1",
-                "finetune.detection.filter_empty_train=false",
-            ],  # fmt: skip
-            num_seeds=1,
-        ),
-    }
+def load_demo_sizes(folder: str | Path = RECIPES / "demo") -> dict[str, DemoSizeConfig]:
+    """Every ``<size>.yaml`` in ``folder`` as a :class:`DemoSizeConfig` (unknown keys rejected with the file)."""
+    sizes = {}
+    for path in sorted(Path(folder).glob("*.yaml")):
+        try:
+            sizes[path.stem] = from_mapping(DemoSizeConfig, read_yaml(path))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    return sizes
 
 
 @dataclass(kw_only=True)
@@ -119,7 +62,7 @@ class DemoConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Fine-tuning seeds; the report gives mean and spread over them."""
     size: str = "full"
-    """Key of ``sizes``: full (the README's figures) or debug (seconds, used by the test)."""
+    """Key of ``sizes``: full (the README's figures) or debug (seconds, used by the test): ``configs/demo/<size>.yaml``."""
     teacher: str = "demo"
     """Name in ``teachers:`` that encodes the demo images (the shipped ``assets/demo-teacher``)."""
     use_dask: bool = False
@@ -130,7 +73,8 @@ class DemoConfig:
     two cores slow each other down several-fold."""
     parallel_runs: int = 0
     """Fine-tuning runs at once, each in its own process (0 = one per CPU core on CPU, one at a time on CUDA)."""
-    sizes: dict[str, DemoSizeConfig] = field(default_factory=_demo_sizes)
+    sizes: dict[str, DemoSizeConfig] = field(default_factory=load_demo_sizes)
+    """Per-size recipes; default: the files in ``configs/demo/`` (one per size)."""
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,7 @@
 """``run_encode``: images -> teacher features -> a resumable feature bank.
 
-The driver does the cheap, global work (resolve names, list images, dry-run the teacher to learn the taps, create
-or reopen the bank) and hands one task per pending shard to :mod:`encode.distributed`; the per-shard work lives
+The driver does the cheap, global work (list images, dry-run the teacher to learn the taps, create or reopen the
+bank; names and derived values arrive resolved in :class:`encode.inputs.EncodeInputs`) and hands one task per pending shard to :mod:`encode.distributed`; the per-shard work lives
 in :mod:`encode.worker`.
 """
 
@@ -18,20 +18,12 @@ import torch
 
 from bank import BankSpec, BankWriter, spec_from_config
 from bank.writer import SUMMARY_FILE
-from configlib import ConfigError, save_resolved, to_dict
-from dreamteacher.schema import PipelineConfig
+from configlib import save_resolved
 from encode.distributed import run_tasks
+from encode.inputs import EncodeInputs
 from encode.worker import EncodeSettings, ShardTask, build_encoder, get_encoder
 from sources.images import ImageRecord, keys_sha256, list_images
-
-PREPROCESSING = (
-    "guided-diffusion center_crop_arr: box-halve while the shorter side >= 2x resolution, bicubic resize of the "
-    "shorter side to resolution, center crop; RGB; x0 = uint8 / 127.5 - 1"
-)
-SEED_RULE = (
-    "eps of row (image, draw, flip) = teachers.encoding.make_noise(row_seed(seed, key, draw)); "
-    "flip=1 rows use the flip=0 noise mirrored along W"
-)
+from teachers.provenance import DatasetRecord, Provenance
 
 
 @dataclass
@@ -81,131 +73,81 @@ class EncodeSummary:
 
 @dataclass
 class EncodePlan:
-    """The driver's resolved view of one encode run."""
+    """The driver's view of one encode run: inputs with the measured resolution, images, settings, spec."""
 
-    config: PipelineConfig
-    """Config with every derived value filled in (teacher, t, bank, resolution)."""
+    inputs: EncodeInputs
+    """The resolved inputs, ``encode.resolution`` set to the teacher's measured input size."""
     records: list[ImageRecord]
     settings: EncodeSettings
     spec: BankSpec
-    bank_path: str
+
+    @property
+    def bank_path(self) -> str:
+        return self.inputs.encode.bank
 
 
-def plan_encode(cfg: PipelineConfig, *, use_dask: bool = True) -> EncodePlan:
-    """Steps 1-3: resolve names, list images, dry-run the teacher (taps), build the bank spec. No bank I/O."""
-    enc = cfg.encode
-    # 1. Names: dataset -> teacher, T, bank path.
-    dataset = cfg.dataset(enc.data)
-    teacher_name = enc.teacher or dataset.teacher
-    if not teacher_name:
-        raise ConfigError(
-            f"no teacher for dataset {enc.data!r}: set encode.teacher or datasets.{enc.data}.teacher "
-            f"(teachers in the config: {', '.join(sorted(cfg.teachers))})"
-        )
-    teacher_cfg = cfg.teacher(teacher_name)
-    t = enc.t or dataset.t
-    if t <= 0:
-        raise ConfigError(
-            f"no noise step: set encode.t or datasets.{enc.data}.t (the paper: 150 ImageNet, 50 LSUN)"
-        )
-    bank_path = enc.bank or f"banks/{enc.data}.zarr"
-
-    # 2. Images and their keys (deterministic order).
+def plan_encode(inputs: EncodeInputs, *, use_dask: bool = True) -> EncodePlan:
+    """Steps 1-3: list images, dry-run the teacher (taps), build the bank spec. No bank I/O."""
+    enc, dataset = inputs.encode, inputs.dataset
+    # 1. Images and their keys (deterministic order).
     records = list_images(enc.data, dataset)
-    keys_digest = keys_sha256([r.key for r in records])
 
-    # 3. Teacher dry run: discover and validate the taps before any real work. With dask the workers load their
+    # 2. Teacher dry run: discover and validate the taps before any real work. With dask the workers load their
     #    own copies, so the driver's is built on the CPU and dropped; in-process it is the worker cache's encoder.
-    flips = 2 if enc.flips == "both" else 1
-    settings = EncodeSettings(
-        teacher=teacher_cfg,
-        mode=enc.mode,
-        t=t,
-        ddim_steps=enc.ddim_steps,
-        resolution=enc.resolution,
-        draws=enc.draws,
-        flips=flips,
-        seed=enc.seed,
-        batch_size=enc.batch_size,
-        num_workers=enc.num_workers,
-        prefetch_factor=enc.prefetch_factor,
-        device=enc.device,
-        cpu_threads=enc.cpu_threads,
-    )
+    settings = EncodeSettings(encode=enc, teacher=inputs.teacher)
     encoder = build_encoder(settings, torch.device("cpu")) if use_dask else get_encoder(settings)[0]
-    taps_info, resolution = encoder.taps_info, encoder.resolution
-    # Where the weights live is not content (their sha256 is): a moved checkpoint must not block a resume. The
-    # paths stay in the resolved config.yaml beside the bank.
-    identity = _without_locations(to_dict(encoder.teacher.identity()))
+    taps_info, resolution, identity = encoder.taps_info, encoder.resolution, encoder.teacher.identity()
     del encoder
 
-    # 4. Bank spec: levels from the taps, shard size and codecs from the bank config, provenance in attributes.
-    teacher_config = _without_locations(to_dict(settings.teacher))
-    attributes = {
-        "teacher": {"name": teacher_name, "identity": identity, "config": teacher_config},
-        "encoding": {
-            "mode": enc.mode,
-            "t": t,
-            "ddim_steps": enc.ddim_steps if enc.mode == "ddim" else 0,
-            "seed": enc.seed,
-            "seed_rule": SEED_RULE,
-        },
-        "taps": [tap.as_dict() for tap in taps_info],
-        "preprocessing": {"resolution": resolution, "method": PREPROCESSING},
-        "dataset": {
-            "name": enc.data,
-            "layout": dataset.layout,
-            "count": len(records),
-            "keys_sha256": keys_digest,
-        },
-    }
+    # 3. Provenance (what the rows are a function of) and the bank spec: levels from the taps, shard size and
+    #    codecs from the bank config.
+    provenance = Provenance.of(
+        teacher_name=enc.teacher,
+        teacher=inputs.teacher,
+        identity=identity,
+        encoding=dataclasses.replace(settings.encoding, resolution=resolution),
+        taps=taps_info,
+        dataset=DatasetRecord(
+            name=enc.data,
+            layout=dataset.layout,
+            count=len(records),
+            keys_sha256=keys_sha256([r.key for r in records]),
+        ),
+    )
     spec = spec_from_config(
         [tap.as_dict() for tap in taps_info],
-        cfg.bank,
+        inputs.bank,
         num_images=len(records),
-        draws=enc.draws,
-        flips=flips,
+        draws=settings.draws,
+        flips=settings.flips,
         image_size=resolution,
-        attributes=attributes,
+        attributes=provenance.to_dict(),
     )
-    resolved = dataclasses.replace(
-        cfg, encode=dataclasses.replace(enc, teacher=teacher_name, t=t, bank=bank_path, resolution=resolution)
-    )
-    return EncodePlan(config=resolved, records=records, settings=settings, spec=spec, bank_path=bank_path)
-
-
-_LOCATION_KEYS = frozenset({"path", "checkpoint", "_name_or_path"})
-
-
-def _without_locations(data: Any) -> Any:
-    """Drop file locations (recursively) from provenance that goes into the bank's fingerprint."""
-    if isinstance(data, dict):
-        return {k: _without_locations(v) for k, v in data.items() if k not in _LOCATION_KEYS}
-    if isinstance(data, list):
-        return [_without_locations(v) for v in data]
-    return data
+    measured = dataclasses.replace(inputs, encode=dataclasses.replace(enc, resolution=resolution))
+    return EncodePlan(inputs=measured, records=records, settings=settings, spec=spec)
 
 
 def run_encode(
-    cfg: PipelineConfig,
+    inputs: EncodeInputs,
     *,
     overwrite: bool = False,
     scheduler: str | None = None,
     use_dask: bool = True,
     progress: bool = True,
 ) -> EncodeSummary:
-    """Encode ``cfg.encode.data`` into the bank; re-running resumes (done shards are skipped)."""
+    """Encode ``inputs.encode.data`` into the bank; re-running resumes (done shards are skipped)."""
     start = time.perf_counter()
-    # 1-4. Resolve, list, dry-run the teacher, spec.
-    plan = plan_encode(cfg, use_dask=use_dask)
+    enc = inputs.encode
+    # 1-3. List, dry-run the teacher, spec.
+    plan = plan_encode(inputs, use_dask=use_dask)
     spec = plan.spec
 
-    # 5. Create the bank at its final size (or reopen it for resume; different settings are refused).
-    writer = BankWriter.create(plan.bank_path, spec, cfg.bank, overwrite=overwrite)
-    save_resolved(plan.config, plan.bank_path, "config.yaml")
+    # 4. Create the bank at its final size (or reopen it for resume; different settings are refused).
+    writer = BankWriter.create(plan.bank_path, spec, inputs.bank, overwrite=overwrite)
+    save_resolved(plan.inputs, plan.bank_path, "config.yaml")
     pending = writer.pending_shards()
 
-    # 6. One task per pending shard.
+    # 5. One task per pending shard.
     tasks = [
         ShardTask(
             shard=i,
@@ -213,7 +155,7 @@ def run_encode(
             first_image=spec.shard_images(i).start,
             bank_path=plan.bank_path,
             spec=spec,
-            bank_cfg=cfg.bank,
+            bank_cfg=inputs.bank,
             settings=plan.settings,
         )
         for i in pending
@@ -222,13 +164,13 @@ def run_encode(
         tasks,
         use_dask=use_dask,
         scheduler=scheduler,
-        workers=cfg.encode.workers,
-        tasks_per_worker=cfg.encode.tasks_per_worker,
-        retries=cfg.encode.retries,
+        workers=enc.workers,
+        tasks_per_worker=enc.tasks_per_worker,
+        retries=enc.retries,
         progress=progress,
     )
 
-    # 7. Every shard must now be done; then the run summary goes into the bank.
+    # 6. Every shard must now be done; then the run summary goes into the bank.
     missing = writer.pending_shards()
     if missing:
         raise RuntimeError(f"shards {missing[:10]} are still not done after the run; re-run the same command")

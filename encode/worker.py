@@ -23,10 +23,13 @@ import torch
 from bank import BankSpec, BankWriter, ShardRows
 from bank.config import BankConfig
 from configlib import to_dict
+from encode.config import EncodeConfig
 from sources.images import DecodePool, ImageRecord, to_model_range
-from teachers import build_teacher, resolve_taps
 from teachers.config import TeacherConfig
 from teachers.encoding import TeacherEncoder, make_noise, row_seed
+from teachers.provenance import Encoding
+from teachers.provenance import build_encoder as build_teacher_encoder
+from training.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +38,40 @@ log = logging.getLogger(__name__)
 class EncodeSettings:
     """Everything a worker needs to rebuild the encoder and preprocess images (picklable, small)."""
 
+    encode: EncodeConfig
+    """The resolved ``encode`` section (``dreamteacher.resolve``): teacher, t and bank filled in."""
     teacher: TeacherConfig
     """Its ``taps`` (empty = the family's defaults) are resolved against the loaded teacher."""
-    mode: str
-    t: int
-    ddim_steps: int
-    resolution: int
-    """0 = the teacher's native resolution."""
-    draws: int
-    flips: int
-    """1: image only; 2: image and mirror."""
-    seed: int
-    batch_size: int
-    """Rows per teacher forward (rounded down to whole images)."""
-    num_workers: int
-    prefetch_factor: int
-    device: str
-    cpu_threads: int
+
+    @property
+    def draws(self) -> int:
+        return self.encode.draws
+
+    @property
+    def flips(self) -> int:
+        """1: image only; 2: image and mirror."""
+        return 2 if self.encode.flips == "both" else 1
 
     @property
     def views_per_image(self) -> int:
         return self.draws * self.flips
 
+    @property
+    def encoding(self) -> Encoding:
+        enc = self.encode
+        return Encoding(
+            mode=enc.mode, t=enc.t, ddim_steps=enc.ddim_steps, seed=enc.seed, resolution=enc.resolution
+        )
+
     def encoder_key(self) -> str:
         """Identifies one loaded encoder: the fields that change the teacher or its read-out."""
-        fields = ("teacher", "mode", "t", "ddim_steps", "resolution", "device", "cpu_threads")
-        return json.dumps({name: to_dict(getattr(self, name)) for name in fields}, sort_keys=True)
+        key = {
+            "teacher": to_dict(self.teacher),
+            "encoding": to_dict(self.encoding),
+            "device": self.encode.device,
+            "cpu_threads": self.encode.cpu_threads,
+        }
+        return json.dumps(key, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -104,34 +115,11 @@ _WRITERS: dict[tuple[str, str], BankWriter] = {}
 _DECODERS: dict[tuple[int, int], DecodePool] = {}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as torch spells it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"encode.device={name!r} but this process sees no CUDA device; use encode.device=cpu"
-        )
-    return device
-
-
 def build_encoder(settings: EncodeSettings, device: torch.device) -> TeacherEncoder:
     """Load the frozen teacher on ``device``, resolve its taps and dry-run them (validates taps and strides)."""
-    if device.type == "cpu" and settings.cpu_threads > 0:
-        torch.set_num_threads(settings.cpu_threads)
-    teacher = build_teacher(settings.teacher, device)
-    return TeacherEncoder(
-        teacher,
-        resolve_taps(teacher, settings.teacher),
-        mode=settings.mode,
-        t=settings.t,
-        ddim_steps=settings.ddim_steps,
-        resolution=settings.resolution or teacher.resolution,
-        device=device,
-        dtype_name=settings.teacher.dtype,
-        channels_last=settings.teacher.channels_last,
-    )
+    if device.type == "cpu" and settings.encode.cpu_threads > 0:
+        torch.set_num_threads(settings.encode.cpu_threads)
+    return build_teacher_encoder(settings.teacher, settings.encoding, device)
 
 
 def get_encoder(settings: EncodeSettings) -> tuple[TeacherEncoder, threading.Lock]:
@@ -139,7 +127,7 @@ def get_encoder(settings: EncodeSettings) -> tuple[TeacherEncoder, threading.Loc
     key = settings.encoder_key()
     with _CACHE_LOCK:
         if key not in _ENCODERS:
-            encoder = build_encoder(settings, resolve_device(settings.device))
+            encoder = build_encoder(settings, resolve_device(settings.encode.device, "encode.device"))
             _ENCODERS.clear()  # one teacher per process: free the previous one before holding another
             _ENCODERS[key] = (encoder, threading.Lock())
         return _ENCODERS[key]
@@ -215,13 +203,13 @@ def encode_shard(task: ShardTask) -> ShardStats:
     flip = np.tile(np.arange(settings.flips), len(task.records) * settings.draws)
     keys = [task.records[i].key for i in local_image]
     seed = np.array(
-        [row_seed(settings.seed, k, int(d)) for k, d in zip(keys, draw, strict=True)], dtype=np.int64
+        [row_seed(settings.encode.seed, k, int(d)) for k, d in zip(keys, draw, strict=True)], dtype=np.int64
     )
     ok = np.zeros(n_rows, bool)
 
     # 3. Decode in the process's worker pool (prefetching) while this thread feeds the teacher.
-    images_per_batch = max(1, settings.batch_size // views)
-    decoder = get_decoder(_loader_workers(settings.num_workers), settings.prefetch_factor)
+    images_per_batch = max(1, settings.encode.batch_size // views)
+    decoder = get_decoder(_loader_workers(settings.encode.num_workers), settings.encode.prefetch_factor)
     for batch in decoder.batches(task.records, res, images_per_batch, pin_memory=device.type == "cuda"):
         # 3a. Rejected images: recorded, rows stay zero.
         for key, good, reason in zip(batch["key"], batch["ok"].tolist(), batch["reason"], strict=True):
@@ -239,7 +227,7 @@ def encode_shard(task: ShardTask) -> ShardStats:
         images_u8[row_idx_V.numpy()] = views_u8_VCHW.numpy()
         # 3c. Noise from per-row seeds on CPU (device-independent), mirrored for flipped rows.
         eps_VCHW = None
-        if settings.mode == "noise":
+        if settings.encode.mode == "noise":
             eps_VCHW = make_noise(seed[row_idx_V.numpy()].tolist(), flip_V.tolist(), (3, res, res))
         # 3d. One teacher read-out, serialised with the other task threads of this process.
         x0_VCHW = to_model_range(views_u8_VCHW.to(device, non_blocking=True))

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from configlib import save_resolved, to_dict
-from dreamteacher.schema import PipelineConfig
+from finetune.inputs import FinetuneInputs
 from finetune.report import write_json
 from sources.datasets import ensure_available
 from training.runtime import seed_everything, setup_runtime, teardown_runtime
@@ -21,16 +21,15 @@ TASKS: dict[str, tuple[str, str]] = {
 
 
 def run_finetune(
-    cfg: PipelineConfig, *, resume: bool = False, eval_only: bool = False, progress: bool = True
+    inputs: FinetuneInputs, *, resume: bool = False, eval_only: bool = False, progress: bool = True
 ) -> dict[str, object]:
     """Fine-tune and evaluate; writes ``<out>/<exp>/`` (config.yaml, results.json, summary.md, predictions.png,
     metrics.jsonl, tb/, checkpoint.pt) and returns the metrics."""
-    ft = cfg.finetune
+    ft, ds_cfg = inputs.finetune, inputs.dataset
     if ft.task not in TASKS:
         raise ValueError(f"finetune.task={ft.task!r}; choices: {', '.join(TASKS)}")
     layout, target = TASKS[ft.task]
     # 1. Data location and layout check.
-    ds_cfg = cfg.dataset(ft.data)
     if ds_cfg.layout != layout:
         raise ValueError(
             f"finetune.task={ft.task} needs a dataset with layout {layout!r}, but datasets.{ft.data}.layout is "
@@ -38,11 +37,11 @@ def run_finetune(
         )
     root = ensure_available(ft.data, ds_cfg)
     # 2. Process setup; the resolved config goes beside the run before any work.
-    runtime = setup_runtime(ft.device, amp=ft.amp, channels_last=ft.channels_last)
+    runtime = setup_runtime(ft.device, key="finetune.device", amp=ft.amp, channels_last=ft.channels_last)
     out_dir = Path(ft.out) / ft.exp
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out_dir)
+        save_resolved(inputs, out_dir)
     runtime.barrier()
     seed_everything(ft.seed + runtime.rank)
     # 3. The task.

@@ -34,9 +34,9 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from configlib import save_resolved
-from dreamteacher.schema import PipelineConfig
 from sources.images import ImageDataset, list_images, to_model_range
 from teacher_training.config import TeacherTrainConfig
+from teacher_training.inputs import TeacherTrainInputs
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -226,14 +226,18 @@ def build_unet_like(unet: UNet2DModel) -> UNet2DModel:
 # The stage
 # ----------------------------------------------------------------------------------------------------------
 def run_teacher_training(
-    cfg: PipelineConfig, *, resume: bool = False, progress: bool = True, stop_at_step: int | None = None
+    inputs: TeacherTrainInputs,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at_step: int | None = None,
 ) -> Path:
-    """Train the teacher described by ``cfg.teacher_train``; returns the ``pipeline/`` folder.
+    """Train the teacher described by ``inputs.teacher_train``; returns the ``pipeline/`` folder.
 
     ``stop_at_step`` ends the session early (checkpoint + export of the weights so far) without changing the
     schedule, so that ``resume=True`` later continues exactly as an uninterrupted run (time-boxed sessions).
     """
-    tc = cfg.teacher_train
+    tc = inputs.teacher_train
     out = Path(tc.out)
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists() and not resume:
@@ -244,9 +248,9 @@ def run_teacher_training(
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
 
     # 1. List the images (demo data is generated on first use) and write the resolved config.
-    records = list_images(tc.data, cfg.dataset(tc.data))
+    records = list_images(tc.data, inputs.dataset)
     out.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, out)
+    save_resolved(inputs, out)
     if tc.cpu_threads > 0:
         torch.set_num_threads(tc.cpu_threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

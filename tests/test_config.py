@@ -110,7 +110,7 @@ def test_shipped_pipeline_yaml_loads_and_every_section_is_typed() -> None:
         cfg.dataset("nope")
 
 
-SHIPPED_CONFIGS = ["pipeline.yaml", *sorted(str(p.relative_to(REPO)) for p in REPO.glob("configs/**/*.yaml"))]
+SHIPPED_CONFIGS = ["pipeline.yaml"]  # the recipe files in configs/ have their own schema: tests/test_recipes.py
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS)

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from bank import BankWriter, ShardRows, spec_from_config
 from bank.config import BankConfig
-from distill.train import run_distill
+from distill.train import run_distill as _run_distill
 from dreamteacher.commands.distill import distill as distill_cli
+from dreamteacher.resolve import resolve
 from dreamteacher.schema import load_pipeline
 from training.checkpoint import load_checkpoint
 from training.metrics import read_metrics
@@ -28,6 +29,11 @@ NUM_IMAGES, SIZE, DRAWS, FLIPS = 16, 32, 2, 2
 # (name, stride, channels, height, width): s32 is stored at 2x2 (the student's stride-32 map is 1x1) to exercise
 # the resize path
 LEVELS = [("s4", 4, 6, 8, 8), ("s8", 8, 6, 4, 4), ("s16", 16, 8, 2, 2), ("s32", 32, 8, 2, 2)]
+
+
+def run_distill(cfg, **kwargs):  # noqa: ANN001, ANN003, ANN201 - the tests build whole pipeline configs
+    """``run_distill`` on ``resolve(cfg, "distill")``, the inputs the CLI gives it."""
+    return _run_distill(resolve(cfg, "distill"), **kwargs)
 
 
 def _features(images_u8: np.ndarray, draw: np.ndarray) -> dict[str, np.ndarray]:

@@ -24,13 +24,19 @@ from PIL import Image
 
 from bank import BankError
 from configlib import ConfigError
+from dreamteacher.resolve import resolve
 from dreamteacher.schema import PipelineConfig, load_pipeline
-from encode.pipeline import run_encode
+from encode.pipeline import run_encode as _run_encode
 from encode.worker import clear_caches
 from sources.images import list_images, load_image, to_model_range
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_GOOD = 10
+
+
+def run_encode(cfg, **kwargs):  # noqa: ANN001, ANN003, ANN201 - the tests build whole pipeline configs
+    """``run_encode`` on ``resolve(cfg, "encode")``, the inputs the CLI gives it."""
+    return _run_encode(resolve(cfg, "encode"), **kwargs)
 
 
 @pytest.fixture(scope="module")

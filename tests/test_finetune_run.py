@@ -9,9 +9,10 @@ import pytest
 import torch
 from finetune_data import write_ade20k, write_coco
 
+from dreamteacher.resolve import resolve
 from dreamteacher.schema import load_pipeline
 from finetune import engine
-from finetune.run import run_finetune
+from finetune.run import run_finetune as _run_finetune
 
 SEG = [
     "finetune.backbone=resnet18",
@@ -26,6 +27,11 @@ SEG = [
     "finetune.segmentation.optim.lr=0.001",
     "finetune.vis_samples=2",
 ]
+
+
+def run_finetune(cfg, **kwargs):  # noqa: ANN001, ANN003, ANN201 - the tests build whole pipeline configs
+    """``run_finetune`` on ``resolve(cfg, "finetune")``, the inputs the CLI gives it."""
+    return _run_finetune(resolve(cfg, "finetune"), **kwargs)
 
 
 def _cfg(tmp_path, data_root, layout, exp, *extra):

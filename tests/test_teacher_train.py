@@ -14,6 +14,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from dreamteacher.commands.teacher import teacher
+from dreamteacher.resolve import resolve
 from dreamteacher.schema import PipelineConfig, load_pipeline
 from teacher_training.config import TeacherTrainConfig
 from teacher_training.train import (
@@ -21,9 +22,15 @@ from teacher_training.train import (
     build_scheduler,
     build_unet,
     diffusion_loss,
-    run_teacher_training,
     step_generator,
 )
+from teacher_training.train import run_teacher_training as _run_teacher_training
+
+
+def run_teacher_training(cfg, **kwargs):  # noqa: ANN001, ANN003, ANN201 - whole pipeline configs
+    """``run_teacher_training`` on ``resolve(cfg, "teacher")``, the inputs the CLI gives it."""
+    return _run_teacher_training(resolve(cfg, "teacher"), **kwargs)
+
 
 TINY = {
     "resolution": 32,

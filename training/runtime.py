@@ -50,26 +50,27 @@ class Runtime:
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this rank's CUDA device when available, else CPU; anything else is passed to torch."""
+def resolve_device(name: str, key: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> this rank's CUDA device when available, else CPU; anything else is passed to torch.
+
+    ``key`` is the config key the name came from (``encode.device``), for the error message.
+    """
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"finetune.device={name!r} but CUDA is not available; use finetune.device=cpu or auto"
-        )
+        raise ValueError(f"{key}={name!r} but this process sees no CUDA device; use {key}=cpu or auto")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
 
 
-def setup_runtime(device: str, *, amp: bool, channels_last: bool) -> Runtime:
+def setup_runtime(device: str, *, key: str, amp: bool, channels_last: bool) -> Runtime:
     """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1), else run single-process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, key, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

@@ -38,11 +38,12 @@ def distill() -> None:
 def train(cfg, resume: bool, online: bool, no_progress: bool) -> None:  # noqa: ANN001 - PipelineConfig
     """Train one experiment: `dreamteacher distill distill.student.name=resnet18 distill.exp=r18`."""
     from distill.train import run_distill
+    from dreamteacher.resolve import resolve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if online:
         cfg.distill.online = True
-    exp_dir = run_distill(cfg, resume=resume, progress=not no_progress)
+    exp_dir = run_distill(resolve(cfg, "distill"), resume=resume, progress=not no_progress)
     click.echo(f"experiment: {exp_dir}")
 
 

@@ -21,11 +21,18 @@ def encode(cfg: PipelineConfig, overwrite: bool, scheduler: str | None, no_dask:
     Example: `dreamteacher encode encode.data=imagenet encode.t=150 bank.codec=int8`.
     """
     from bank import BankError
+    from dreamteacher.resolve import resolve
     from encode.pipeline import run_encode
 
     if no_dask and scheduler:
         raise click.UsageError("--no-dask and --scheduler exclude each other")
     try:
-        run_encode(cfg, overwrite=overwrite, scheduler=scheduler, use_dask=not no_dask, progress=not quiet)
+        run_encode(
+            resolve(cfg, "encode"),
+            overwrite=overwrite,
+            scheduler=scheduler,
+            use_dask=not no_dask,
+            progress=not quiet,
+        )
     except (ConfigError, BankError) as exc:
         raise click.ClickException(str(exc)) from exc

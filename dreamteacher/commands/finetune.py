@@ -18,8 +18,9 @@ def finetune(cfg, resume: bool, eval_only: bool) -> None:
 
     Example: `dreamteacher finetune finetune.task=ade20k finetune.ckpt=runs/distill/default/backbone.safetensors`.
     """
+    from dreamteacher.resolve import resolve
     from finetune.run import run_finetune
 
-    metrics = run_finetune(cfg, resume=resume, eval_only=eval_only)
+    metrics = run_finetune(resolve(cfg, "finetune"), resume=resume, eval_only=eval_only)
     headline = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     click.echo(json.dumps(headline, indent=2))

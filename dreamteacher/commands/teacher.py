@@ -16,9 +16,10 @@ from dreamteacher.options import config_options
 @config_options
 def teacher(cfg, resume: bool, no_progress: bool, stop_at_step: int | None) -> None:  # noqa: ANN001 - PipelineConfig
     """Train the teacher in the `teacher_train:` section; writes <out>/pipeline/ (unet/ + scheduler/)."""
+    from dreamteacher.resolve import resolve
     from teacher_training.train import run_teacher_training
 
     pipeline_dir = run_teacher_training(
-        cfg, resume=resume, progress=not no_progress, stop_at_step=stop_at_step
+        resolve(cfg, "teacher"), resume=resume, progress=not no_progress, stop_at_step=stop_at_step
     )
     click.echo(f"teacher saved to {pipeline_dir} (point teachers.<name>.path at it)")

@@ -1,0 +1,86 @@
+"""``resolve``: the one place where the pipeline config becomes each stage's fully derived inputs.
+
+Every value that one setting derives from another is computed here and nowhere else:
+
+* the dataset entry a stage reads (``encode.data``, ``finetune.data``, ``teacher_train.data``);
+* the encode teacher: ``encode.teacher``, else the dataset's ``teacher``;
+* the noise step T: ``encode.t``, else the dataset's ``t`` (the paper's per-dataset choice);
+* the bank path: ``encode.bank`` / ``distill.bank``, else ``banks/<encode.data>.zarr`` (:func:`default_bank`).
+
+Stages receive only their own section plus these inputs (``encode.inputs.EncodeInputs`` ...) and write them into
+their run's ``config.yaml``, so a run folder says exactly what it was made with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, overload
+
+from configlib import ConfigError
+from distill.inputs import DistillInputs
+from dreamteacher.schema import PipelineConfig
+from encode.inputs import EncodeInputs
+from finetune.inputs import FinetuneInputs
+from teacher_training.inputs import TeacherTrainInputs
+
+Stage = Literal["encode", "distill", "finetune", "teacher"]
+
+
+def default_bank(data: str) -> str:
+    """Where ``make encode DATA=<data>`` puts its bank and ``make distill`` looks for it."""
+    return f"banks/{data}.zarr"
+
+
+def _encode(cfg: PipelineConfig) -> EncodeInputs:
+    enc = cfg.encode
+    dataset = cfg.dataset(enc.data)
+    teacher_name = enc.teacher or dataset.teacher
+    if not teacher_name:
+        raise ConfigError(
+            f"no teacher for dataset {enc.data!r}: set encode.teacher or datasets.{enc.data}.teacher "
+            f"(teachers in the config: {', '.join(sorted(cfg.teachers))})"
+        )
+    t = enc.t or dataset.t
+    if t <= 0:
+        raise ConfigError(
+            f"no noise step: set encode.t or datasets.{enc.data}.t (the paper: 150 ImageNet, 50 LSUN)"
+        )
+    resolved = dataclasses.replace(enc, teacher=teacher_name, t=t, bank=enc.bank or default_bank(enc.data))
+    return EncodeInputs(encode=resolved, bank=cfg.bank, dataset=dataset, teacher=cfg.teacher(teacher_name))
+
+
+def _distill(cfg: PipelineConfig) -> DistillInputs:
+    bank = cfg.distill.bank or default_bank(cfg.encode.data)
+    return DistillInputs(distill=dataclasses.replace(cfg.distill, bank=bank), teachers=dict(cfg.teachers))
+
+
+def _finetune(cfg: PipelineConfig) -> FinetuneInputs:
+    return FinetuneInputs(finetune=cfg.finetune, dataset=cfg.dataset(cfg.finetune.data))
+
+
+def _teacher(cfg: PipelineConfig) -> TeacherTrainInputs:
+    tc = cfg.teacher_train
+    return TeacherTrainInputs(teacher_train=tc, dataset=cfg.dataset(tc.data))
+
+
+@overload
+def resolve(cfg: PipelineConfig, stage: Literal["encode"]) -> EncodeInputs: ...
+@overload
+def resolve(cfg: PipelineConfig, stage: Literal["distill"]) -> DistillInputs: ...
+@overload
+def resolve(cfg: PipelineConfig, stage: Literal["finetune"]) -> FinetuneInputs: ...
+@overload
+def resolve(cfg: PipelineConfig, stage: Literal["teacher"]) -> TeacherTrainInputs: ...
+
+
+def resolve(
+    cfg: PipelineConfig, stage: Stage
+) -> EncodeInputs | DistillInputs | FinetuneInputs | TeacherTrainInputs:
+    """The inputs of ``stage``; an unknown dataset / teacher name or a missing T is a ``ConfigError``.
+
+    Only the requested stage is resolved, so ``make distill`` does not fail on an encode-only setting.
+    """
+    resolvers = {"encode": _encode, "distill": _distill, "finetune": _finetune, "teacher": _teacher}
+    if stage not in resolvers:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(resolvers)}")
+    return resolvers[stage](cfg)
