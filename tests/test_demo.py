@@ -73,7 +73,7 @@ def test_plan_validates_every_stage_before_running(tmp_path: Path) -> None:
     plan = plan_demo(cfg, "full")
     assert len(plan.finetune) == 2 * 2 * len(cfg.demo.seeds)
     assert plan.encode.encode.bank == plan.distill.distill.bank
-    with pytest.raises(ValueError, match="choices: full, debug"):
+    with pytest.raises(ValueError, match="choices: debug, full"):
         plan_demo(cfg, "huge")
     bad = derive(cfg, ["demo.sizes.debug.distill=[distill.student.name=resnet34]"])
     with pytest.raises(ValueError, match="same timm model"):
