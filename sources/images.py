@@ -9,9 +9,15 @@ path relative to the dataset root) in a deterministic sorted order:
 * ``wds``: ``root`` is a brace pattern of WebDataset tar shards; image entries only; key ``<shard>/<member>``.
 
 Preprocessing follows the paper's teacher (guided-diffusion's ``center_crop_arr``): box-downsample by 2 while the
-shorter side is >= 2x the target, bicubic resize of the shorter side to ``resolution``, center crop. Images are
-converted to RGB (grayscale, palette, CMYK, RGBA -> alpha dropped, as guided-diffusion does). A file that cannot be
-decoded (not an image, truncated, decompression bomb) is NOT an error: it comes back as a reject with the reason.
+shorter side is >= 2x the target, bicubic resize of the shorter side to ``resolution``, center crop. Every image
+is converted to 8-bit RGB by :func:`to_rgb`, mode by mode (the table there): 16-bit grayscale is scaled by 1/257
+(PIL's own ``convert("RGB")`` clips it, so a 16-bit PNG came out white), transparent images are composited onto
+white, and modes without a defined display range (32-bit float) are rejected. A file that cannot be decoded (not an
+image, truncated, decompression bomb, unsupported mode) is NOT an error: it comes back as a reject with the reason.
+
+Keys are what the bank stores (a fixed-width field, ``bank.spec.KEY_BYTES``). A relative path longer than that, or
+one the field cannot hold, gets a deterministic shortened key (:func:`storable_key`) when the images are listed,
+before any teacher work; the record keeps the full path as ``full_key``.
 """
 
 from __future__ import annotations
@@ -70,6 +76,12 @@ class ImageRecord:
     """``wds``: byte offset of the member's data inside the tar; -1 = the whole file is the image."""
     size: int = -1
     """``wds``: byte size of the member's data."""
+    full_key: str = ""
+    """The full relative path when ``key`` is a shortened one (:func:`storable_key`); empty = same as ``key``."""
+
+    def __post_init__(self) -> None:
+        if not self.full_key:
+            object.__setattr__(self, "full_key", self.key)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -131,8 +143,57 @@ def _list_wds(pattern: str) -> list[ImageRecord]:
     return records
 
 
-def list_images(name: str, dataset: DatasetConfig) -> list[ImageRecord]:
-    """All images of dataset ``name`` in deterministic (key-sorted) order, truncated to ``dataset.limit``."""
+# Must equal bank.spec.KEY_BYTES (the bank's fixed key field); sources sits below bank and cannot import it, so the
+# value is repeated here and a test (tests/test_images.py) asserts the two agree.
+MAX_KEY_BYTES = 64
+_HASH_HEX = 16
+"""Hex digits of sha256 in a shortened key (64 bits): two long paths with the same prefix collide with odds
+n^2 / 2^65 (4e-8 for all 1.28M ImageNet paths); a collision is an error naming both paths, never a silent merge."""
+
+
+def storable_key(key: str, max_bytes: int = MAX_KEY_BYTES) -> str:
+    """``key`` itself when the bank can store it (at most ``max_bytes`` UTF-8 bytes, no NUL); otherwise a shortened
+    key: the longest prefix of ``key`` that fits (cut at a character boundary, NULs removed) + ``~`` + the first
+    16 hex digits of sha256(full key). Deterministic (the same path always gets the same key, on every machine), so
+    the noise seeds derived from it and resumed banks agree; readable (it starts like the path)."""
+    raw = key.encode("utf-8")
+    if len(raw) <= max_bytes and b"\0" not in raw:
+        return key
+    suffix = "~" + hashlib.sha256(raw).hexdigest()[:_HASH_HEX]
+    room = max_bytes - len(suffix)
+    if room < 0:
+        raise ValueError(f"max_bytes={max_bytes} leaves no room for the {len(suffix)}-byte hash suffix")
+    prefix = raw.replace(b"\0", b"")[:room].decode(
+        "utf-8", errors="ignore"
+    )  # drops a cut multi-byte character
+    return prefix + suffix
+
+
+def _shorten_keys(name: str, records: list[ImageRecord], max_bytes: int) -> list[ImageRecord]:
+    """Give every key the bank cannot store a :func:`storable_key`; two records with one key is an error."""
+    out = []
+    for record in records:
+        key = storable_key(record.key, max_bytes)
+        out.append(record if key == record.key else ImageRecord(key, record.path, record.offset, record.size,
+                                                                full_key=record.key))  # fmt: skip
+    by_key: dict[str, str] = {}
+    for record in out:
+        other = by_key.setdefault(record.key, record.full_key)
+        if other != record.full_key:
+            raise ConfigError(
+                f"dataset {name!r}: {other!r} and {record.full_key!r} both get the bank key {record.key!r} "
+                f"(paths longer than {max_bytes} UTF-8 bytes are shortened to a prefix + '~' + 16 hex digits of "
+                "their sha256); rename one of them"
+            )
+    return out
+
+
+def list_images(name: str, dataset: DatasetConfig, max_key_bytes: int = MAX_KEY_BYTES) -> list[ImageRecord]:
+    """All images of dataset ``name`` in deterministic (key-sorted) order, truncated to ``dataset.limit``.
+
+    Every key fits the bank's key field (``max_key_bytes``, which must equal ``bank.spec.KEY_BYTES``): longer paths
+    get a :func:`storable_key` here, before any teacher work, so that one long path cannot fail a shard after the
+    teacher pass and abort an ImageNet-scale run. The order is that of the full paths."""
     if not dataset.root.strip():
         raise ConfigError(
             f"datasets.{name}.root is empty (is the environment variable it names, e.g. IMAGENET_ROOT, set to an "
@@ -157,6 +218,7 @@ def list_images(name: str, dataset: DatasetConfig) -> list[ImageRecord]:
     keys = [r.key for r in records]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"dataset {name!r}: duplicate image keys (two list entries name the same file?)")
+    records = _shorten_keys(name, records, max_key_bytes)
     if dataset.limit:
         records = records[: dataset.limit]
     if not records:
@@ -180,15 +242,86 @@ def read_bytes(record: ImageRecord) -> bytes:
         return f.read(record.size)
 
 
+class UnsupportedImage(ValueError):
+    """An image PIL decodes but that has no well-defined 8-bit RGB rendering (a reject, with this as the reason)."""
+
+
+ALPHA_BACKGROUND = 255
+"""Transparent pixels are composited onto white (this grey level in every channel). Why not drop alpha, as
+guided-diffusion's ``convert("RGB")`` does: the colour under a fully transparent pixel is undefined (often black,
+or whatever an editor left there), so dropping alpha feeds the teacher arbitrary pixels; white is what an image
+viewer shows on a default page, and transparent images (product shots, logos) are made to be seen on one."""
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+# PIL's own conversion to RGB is exact (or the standard formula) for these: 1 -> 0/255, L -> grey, P -> palette
+# colour, CMYK -> (255-C)(255-K)/255, YCbCr (JPEG full range), HSV, LAB (D65), RGBX -> drop the pad byte.
+_CONVERTIBLE_MODES = frozenset({"1", "L", "P", "CMYK", "YCbCr", "HSV", "LAB", "RGBX"})
+
+
+def _grey16_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit grey (``I;16*``, or ``I``, which PIL uses for 16-bit PGM / older 16-bit PNG) -> RGB, v -> round(v/257)
+    (65535 -> 255 exactly). ``I`` is 32-bit signed: values outside 0..65535 have no defined range -> reject."""
+    grey = np.asarray(image)
+    if image.mode == "I" and grey.size and (int(grey.min()) < 0 or int(grey.max()) > 65535):
+        raise UnsupportedImage(
+            f"32-bit integer image (mode I) with values {int(grey.min())}..{int(grey.max())} outside the 16-bit "
+            "range 0..65535: no display range is defined; convert it to 8- or 16-bit"
+        )
+    grey_u8 = ((grey.astype(np.uint32) + 128) // 257).astype(
+        np.uint8
+    )  # == round(v / 257): 257 is odd, no ties
+    return Image.fromarray(np.repeat(grey_u8[..., None], 3, axis=2), "RGB")
+
+
+def _composite_on_background(image: Image.Image) -> Image.Image:
+    """Any image with alpha -> RGB over :data:`ALPHA_BACKGROUND`: round((c*a + bg*(255-a)) / 255) per channel."""
+    if image.mode == "La":  # premultiplied; PIL converts La only to LA
+        image = image.convert("LA")
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.uint32)
+    alpha = rgba[..., 3:]
+    mixed = rgba[..., :3] * alpha + ALPHA_BACKGROUND * (255 - alpha)
+    return Image.fromarray(((mixed + 127) // 255).astype(np.uint8), "RGB")  # == round(x / 255): no ties
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB rendering of a decoded image, by mode. Raises :class:`UnsupportedImage` for a mode that has none.
+
+    ======================================  =====================================================================
+    RGB (no transparency key)               unchanged
+    1, L, P, CMYK, YCbCr, HSV, LAB, RGBX    PIL's conversion (exact; CMYK by the naive formula: ICC profiles are
+                                            ignored, as for every mode)
+    I;16, I;16L, I;16B, I;16N               v -> round(v / 257), grey in all three channels
+    I (32-bit int)                          as 16-bit if every value is in 0..65535, else rejected
+    F (32-bit float)                        rejected: no display range is defined (0..1? 0..255?)
+    RGBA, LA, PA, RGBa, La; P / L / RGB     composited onto white (:data:`ALPHA_BACKGROUND`)
+    with a transparency key
+    anything else                           rejected, naming the mode
+    ======================================  =====================================================================
+    """
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        return _grey16_to_rgb(image)
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and "transparency" in image.info):
+        return _composite_on_background(image)
+    if mode == "RGB":
+        return image
+    if mode in _CONVERTIBLE_MODES:
+        return image.convert("RGB")
+    if mode == "F":
+        raise UnsupportedImage(
+            "32-bit float image (mode F): no display range is defined (0..1? 0..255?); convert it to 8- or 16-bit"
+        )
+    raise UnsupportedImage(f"image mode {mode} has no defined conversion to RGB; convert the file to RGB")
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    """Decode fully (so truncation surfaces here) and convert to RGB."""
+    """Decode fully (so truncation surfaces here) and convert to 8-bit RGB (:func:`to_rgb`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(BytesIO(data))
         image.load()
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
+    return to_rgb(image)
 
 
 def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
@@ -342,10 +475,13 @@ class DecodePool:
 
 
 __all__ = [
+    "ALPHA_BACKGROUND",
     "IMAGE_EXTENSIONS",
+    "MAX_KEY_BYTES",
     "DecodePool",
     "ImageDataset",
     "ImageRecord",
+    "UnsupportedImage",
     "center_crop_resize",
     "decode_batch",
     "decode_rgb",
@@ -353,5 +489,7 @@ __all__ = [
     "list_images",
     "load_image",
     "read_bytes",
+    "storable_key",
     "to_model_range",
+    "to_rgb",
 ]
