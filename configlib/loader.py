@@ -5,7 +5,11 @@ This module only knows how to turn a YAML mapping into those dataclasses:
 
 * unknown keys are rejected with the full key path and the valid names;
 * all problems found are reported together (one ``ConfigError`` with one line each);
-* ``Literal[...]`` fields are checked against their choices;
+* ``Literal[...]`` fields are checked against their choices; an unquoted YAML boolean (``yes``/``no``/``on``/``off``
+  are booleans in YAML 1.1) where a string is expected gets a message that says so and asks for quotes;
+* a dataclass's ``__post_init__`` may raise ``ValueError`` for values out of range: each line of its message is one
+  problem, reported with the section's path; a line that starts with a field name is joined to the path
+  (``draws must be >= 1`` in ``encode`` -> ``encode.draws must be >= 1``);
 * ``${VAR}`` / ``${VAR:-default}`` in strings are expanded at load time. A variable that is not set is left in
   place and only becomes an error when a consumer needs that value (``require_resolved``), so that
   ``make encode DATA=demo`` does not fail because ``IMAGENET_ROOT`` is unset.
@@ -84,6 +88,14 @@ def _describe(path: str) -> str:
     return path or "<root>"
 
 
+def _yaml_boolean(path: str, value: bool, expected: str) -> str:
+    """The message for a YAML boolean where a string was expected (``flips: yes`` reads as ``True``)."""
+    return (
+        f"{_describe(path)}: got the YAML boolean {str(value).lower()} (unquoted yes/no/on/off/true/false are "
+        f"booleans in YAML); write {expected}, in quotes if it is one of those words"
+    )
+
+
 def _build(tp: Any, value: Any, path: str, errors: list[str]) -> Any:  # noqa: C901 - one branch per kind of type
     origin = get_origin(tp)
 
@@ -108,7 +120,10 @@ def _build(tp: Any, value: Any, path: str, errors: list[str]) -> Any:  # noqa: C
         return _build(non_none[0], value, path, errors)
     if origin is Literal:
         choices = get_args(tp)
-        if value not in choices:
+        if isinstance(value, bool) and not any(isinstance(c, bool) for c in choices):
+            # `True in (1, ...)` and `True == 1`: a bool must never pass as (or be reported as) another choice
+            errors.append(_yaml_boolean(path, value, f"one of {', '.join(map(repr, choices))}"))
+        elif value not in choices:
             errors.append(f"{_describe(path)}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
     if origin in (list, Sequence, tuple) or tp in (list, tuple):
@@ -148,6 +163,9 @@ def _build(tp: Any, value: Any, path: str, errors: list[str]) -> Any:  # noqa: C
             return value
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            errors.append(_yaml_boolean(path, value, "a string"))
+            return value
         if not isinstance(value, str):
             errors.append(f"{_describe(path)}: expected a string, got {value!r}")
             return value
@@ -174,6 +192,7 @@ def _build_dataclass(cls: type, value: Any, path: str, errors: list[str]) -> Any
         key_path = f"{path}.{key}" if path else str(key)
         errors.append(f"unknown key '{key_path}'; valid keys here: {', '.join(sorted(fields))}")
     kwargs: dict[str, Any] = {}
+    errors_before = len(errors)
     for name, field in fields.items():
         key_path = f"{path}.{name}" if path else name
         if name in value:
@@ -186,10 +205,17 @@ def _build_dataclass(cls: type, value: Any, path: str, errors: list[str]) -> Any
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ):
         return None  # a required key is missing; already reported
+    if len(errors) > errors_before:
+        return None  # a field is invalid (already reported): its range checks would only add noise or crash
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        errors.append(f"{_describe(path)}: {exc}")
+        for line in filter(None, (x.strip() for x in str(exc).splitlines())):
+            first = re.match(r"[A-Za-z_][A-Za-z0-9_]*", line)
+            if path and first and first.group(0) in fields:
+                errors.append(f"{path}.{line}")
+            else:
+                errors.append(f"{_describe(path)}: {line}")
         return None
 
 

@@ -48,3 +48,32 @@ class EncodeConfig:
     cpu_threads: int = 0
     """torch threads of a worker running on CPU; 0 = torch's default. Fix it to get the same bytes from
     processes with different default thread counts."""
+
+    def __post_init__(self) -> None:
+        # Ranges the stages divide or loop by (draws=0 was a ZeroDivisionError deep in the run). One problem per line,
+        # each starting with the field name: the config loader reports each as `encode.<field> ...`.
+        minimums = {
+            "draws": 1,
+            "ddim_steps": 1,
+            "batch_size": 1,
+            "prefetch_factor": 1,
+            "tasks_per_worker": 1,
+            "t": 0,
+            "resolution": 0,
+            "num_workers": 0,
+            "workers": 0,
+            "retries": 0,
+            "cpu_threads": 0,
+        }
+        notes = {
+            "t": " (0 = the dataset's t)",
+            "resolution": " (0 = the teacher's)",
+            "workers": " (0 = one per GPU)",
+        }
+        problems = [
+            f"{name} must be >= {low}{notes.get(name, '')}, got {getattr(self, name)}"
+            for name, low in minimums.items()
+            if isinstance(getattr(self, name), int) and getattr(self, name) < low
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))

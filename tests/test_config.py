@@ -110,7 +110,9 @@ def test_shipped_pipeline_yaml_loads_and_every_section_is_typed() -> None:
         cfg.dataset("nope")
 
 
-SHIPPED_CONFIGS = ["pipeline.yaml"]  # the recipe files in configs/ have their own schema: tests/test_recipes.py
+SHIPPED_CONFIGS = [
+    "pipeline.yaml"
+]  # the recipe files in configs/ have their own schema: tests/test_recipes.py
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS)
@@ -129,3 +131,63 @@ def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
     reloaded = from_mapping(PipelineConfig, yaml.safe_load(written.read_text()))
     assert reloaded == cfg
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---- values the types admit but the stages cannot use -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("encode.draws=0", "encode.draws must be >= 1, got 0"),
+        ("encode.batch_size=0", "encode.batch_size must be >= 1, got 0"),
+        ("encode.t=-1", "encode.t must be >= 0 (0 = the dataset's t), got -1"),
+        ("encode.ddim_steps=0", "encode.ddim_steps must be >= 1, got 0"),
+        ("encode.num_workers=-2", "encode.num_workers must be >= 0, got -2"),
+    ],
+)
+def test_encode_ranges_are_config_errors_naming_the_key(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(REPO / "pipeline.yaml", [override])
+    assert expected in str(info.value)
+
+
+def test_every_range_problem_is_reported_once_with_its_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(REPO / "pipeline.yaml", ["encode.draws=0", "encode.retries=-1"])
+    message = str(info.value)
+    assert "2 problem(s)" in message
+    assert "  - encode.draws must be >= 1" in message and "  - encode.retries must be >= 0" in message
+
+
+def test_a_type_error_is_not_followed_by_a_range_check_crash() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(REPO / "pipeline.yaml", ["encode.draws=two"])
+    message = str(info.value)
+    assert "encode.draws: expected an integer, got 'two'" in message
+    assert "not supported between" not in message and "problem(s)" not in message  # exactly one problem
+
+
+@pytest.mark.parametrize(("raw", "shown"), [("yes", "true"), ("off", "false"), ("true", "true")])
+def test_yaml_booleans_for_string_choices_get_a_clear_message(raw: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(REPO / "pipeline.yaml", [f"encode.flips={raw}"])
+    message = str(info.value)
+    assert f"encode.flips: got the YAML boolean {shown}" in message
+    assert "booleans in YAML" in message and "'none', 'both'" in message and "quotes" in message
+    assert "True is not one of" not in message
+
+
+def test_yaml_booleans_elsewhere() -> None:
+    @dataclass(kw_only=True)
+    class Switch:
+        state: Literal["on", "off"] = "on"
+        level: Literal[1, 2] = 1
+        name: str = ""
+
+    # quoted, the words are strings and valid choices
+    assert from_mapping(Switch, yaml.safe_load("state: 'off'")).state == "off"
+    with pytest.raises(ConfigError) as info:
+        from_mapping(Switch, yaml.safe_load("state: off\nlevel: true\nname: no"))
+    message = str(info.value)
+    assert "state: got the YAML boolean false" in message and "'on', 'off', in quotes" in message
+    assert "level: got the YAML boolean true" in message  # True == 1 must not pass as the choice 1
+    assert "name: got the YAML boolean false" in message and "write a string" in message
