@@ -12,12 +12,10 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
@@ -32,42 +30,11 @@ from distill.targets import BankTargets, LabelLogits, OnlineTargets
 from distill.trainer import StepSettings, Trainer
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.metrics import METRICS_NAME, MetricsLog, truncate_metrics
+from training.runtime import Runtime, seed_everything, setup_runtime, teardown_runtime
 
 log = logging.getLogger(__name__)
 
 BANK_RECORD = "bank.json"
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Distributed context
-# ------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> DistContext:
-    """Read torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); init NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_name)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(rank, world, local_rank, device)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -155,23 +122,31 @@ def build_optimizer(net: torch.nn.Module, dcfg: DistillConfig) -> torch.optim.Op
     )
 
 
-def _autocast_dtype(dcfg: DistillConfig, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or not dcfg.amp:
-        return None
-    return torch.bfloat16 if dcfg.amp_dtype == "bf16" else torch.float16
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------------------
 def run_distill(inputs: DistillInputs, *, resume: bool = False, progress: bool = True) -> Path:
     """Train ``inputs.distill.student`` on the bank's targets; returns the experiment folder."""
+    dcfg = inputs.distill
+    runtime = setup_runtime(
+        dcfg.device,
+        key="distill.device",
+        amp=dcfg.amp,
+        channels_last=dcfg.channels_last,
+        amp_dtype=dcfg.amp_dtype,
+    )
+    try:
+        return _run(inputs, runtime, resume=resume, progress=progress)
+    finally:
+        teardown_runtime(runtime)
+
+
+def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: bool) -> Path:
     from bank import Bank, make_loader
 
     dcfg = inputs.distill
-    ctx = init_distributed(dcfg.device)
     exp_dir = Path(dcfg.out) / dcfg.exp
-    torch.manual_seed(dcfg.seed)
+    seed_everything(dcfg.seed)
 
     # 1. open the bank read-only and check it fits the run
     bank = Bank.open(dcfg.bank)
@@ -181,39 +156,40 @@ def run_distill(inputs: DistillInputs, *, resume: bool = False, progress: bool =
         raise ValueError(
             f"{exp_dir} already holds a run; pass --resume to continue it or choose distill.exp=NEW"
         )
-    if ctx.is_main:
+    if runtime.is_main:
         exp_dir.mkdir(parents=True, exist_ok=True)
         record_bank(exp_dir, bank, resume=resume)
         save_resolved(inputs, exp_dir)
-    if ctx.world_size > 1:
-        dist.barrier()
-    if resume and ctx.world_size > 1 and not ctx.is_main:
+    runtime.barrier()
+    if resume and runtime.distributed and not runtime.is_main:
         record_bank(exp_dir, bank, resume=True)  # every rank refuses a different bank, not only rank 0
 
     # 2. data: this rank's share of every epoch; online mode reads only the pixels
-    if dcfg.batch_size % ctx.world_size:
-        raise ValueError(f"distill.batch_size={dcfg.batch_size} is not divisible by {ctx.world_size} ranks")
+    if dcfg.batch_size % runtime.world_size:
+        raise ValueError(
+            f"distill.batch_size={dcfg.batch_size} is not divisible by {runtime.world_size} ranks"
+        )
     loader, sampler = make_loader(
         bank.path,
-        dcfg.batch_size // ctx.world_size,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
+        dcfg.batch_size // runtime.world_size,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
         seed=dcfg.seed,
         num_workers=dcfg.num_workers,
         draw=dcfg.draw,
         flip=dcfg.flip,
-        pin_memory=ctx.device.type == "cuda",
+        pin_memory=runtime.device.type == "cuda",
         levels=[] if dcfg.online else levels,
     )
     if len(sampler) == 0:
         raise ValueError(
             f"the bank has fewer usable images per rank ({sampler.images_per_rank}) than the per-rank "
-            f"batch size ({dcfg.batch_size // ctx.world_size}); lower distill.batch_size"
+            f"batch size ({dcfg.batch_size // runtime.world_size}); lower distill.batch_size"
         )
     targets = (
-        OnlineTargets(bank.spec.attributes, inputs.teachers, levels, ctx.device)
+        OnlineTargets(bank.spec.attributes, inputs.teachers, levels, runtime.device)
         if dcfg.online
-        else BankTargets(ctx.device, levels)
+        else BankTargets(runtime.device, levels)
     )
     label_logits = LabelLogits(dcfg.loss.label_logits, bank.num_rows) if dcfg.loss.label_logits else None
 
@@ -226,19 +202,15 @@ def run_distill(inputs: DistillInputs, *, resume: bool = False, progress: bool =
         channels=dcfg.regressor.channels,
         pool_scales=dcfg.regressor.pool_scales,
         num_classes=label_logits.num_classes if label_logits else 0,
-    ).to(ctx.device)
-    if ctx.device.type == "cuda" and dcfg.channels_last:
+    ).to(runtime.device)
+    if runtime.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    if ctx.world_size > 1 and ctx.device.type == "cuda":
+    if runtime.distributed and runtime.device.type == "cuda":
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     optimizer = build_optimizer(net, dcfg)
     scheduler, total_steps = build_schedule(optimizer, dcfg, len(sampler))
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=_autocast_dtype(dcfg, ctx.device) == torch.float16)
-    model: torch.nn.Module = net
-    if ctx.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
-        )
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
+    model = runtime.wrap(net)
     if dcfg.compile:
         model = torch.compile(model)
     settings = StepSettings(
@@ -247,10 +219,8 @@ def run_distill(inputs: DistillInputs, *, resume: bool = False, progress: bool =
         label_weight=dcfg.loss.label_weight,
         label_temperature=dcfg.loss.label_temperature,
         grad_clip=dcfg.optim.grad_clip,
-        autocast_dtype=_autocast_dtype(dcfg, ctx.device),
-        channels_last=ctx.device.type == "cuda" and dcfg.channels_last,
     )
-    trainer = Trainer(model, net, optimizer, scheduler, targets, settings, ctx.device, scaler=scaler)
+    trainer = Trainer(model, net, optimizer, scheduler, targets, settings, runtime, scaler=scaler)
 
     # 4. resume: model, optimizer, scheduler, scaler, sampler position, RNG
     epoch, batches_done = 0, 0
@@ -266,9 +236,9 @@ def run_distill(inputs: DistillInputs, *, resume: bool = False, progress: bool =
             int(state["sampler"]["batches_done"]),
             int(state["step"]),
         )
-        rng = state["rng"] if ctx.is_main else load_checkpoint(exp_dir / "rng" / f"rank{ctx.rank}.pt")
+        rng = state["rng"] if runtime.is_main else load_checkpoint(exp_dir / "rng" / f"rank{runtime.rank}.pt")
         set_rng_state(rng)
-        if ctx.is_main:
+        if runtime.is_main:
             truncate_metrics(exp_dir / METRICS_NAME, trainer.step)
         log.info("resumed %s at step %d (epoch %d, batch %d)", exp_dir, trainer.step, epoch, batches_done)
     else:
@@ -277,9 +247,9 @@ def run_distill(inputs: DistillInputs, *, resume: bool = False, progress: bool =
     def checkpoint() -> None:
         sampler_state = sampler.state_dict(batches_done=batches_done)
         sampler_state["epoch"] = epoch
-        if not ctx.is_main:
+        if not runtime.is_main:
             (exp_dir / "rng").mkdir(exist_ok=True)
-            save_checkpoint(exp_dir / "rng" / f"rank{ctx.rank}.pt", rng_state())
+            save_checkpoint(exp_dir / "rng" / f"rank{runtime.rank}.pt", rng_state())
             return
         save_checkpoint(
             ckpt_path,
@@ -296,16 +266,16 @@ def run_distill(inputs: DistillInputs, *, resume: bool = False, progress: bool =
         )
 
     # 5. the loop: epochs of the bank sampler until total_steps
-    metrics = MetricsLog(exp_dir) if ctx.is_main else None
+    metrics = MetricsLog(exp_dir) if runtime.is_main else None
     bar = tqdm(
-        total=total_steps, initial=trainer.step, disable=not (progress and ctx.is_main), desc="distill"
+        total=total_steps, initial=trainer.step, disable=not (progress and runtime.is_main), desc="distill"
     )
     window: dict[str, float] = {}
     window_steps, wait_s, window_start = 0, 0.0, time.perf_counter()
     audit = None
     if dcfg.audit_rows:
         (exp_dir / "rows").mkdir(parents=True, exist_ok=True)
-        audit = (exp_dir / "rows" / f"rank{ctx.rank}.txt").open("a")
+        audit = (exp_dir / "rows" / f"rank{runtime.rank}.txt").open("a")
     stop_at = min(dcfg.stop_at_step or total_steps, total_steps)
     batch_iter = iter(loader)
     while trainer.step < stop_at:
@@ -329,7 +299,7 @@ def run_distill(inputs: DistillInputs, *, resume: bool = False, progress: bool =
         window_steps += 1
         if trainer.step % dcfg.log_every == 0 or trainer.step == stop_at:
             elapsed = time.perf_counter() - window_start
-            record = _reduce({k: v / window_steps for k, v in window.items()}, ctx)
+            record = runtime.mean_over_ranks({k: v / window_steps for k, v in window.items()})
             record.update(
                 epoch=epoch,
                 data_wait_frac=wait_s / elapsed,
@@ -347,21 +317,10 @@ def run_distill(inputs: DistillInputs, *, resume: bool = False, progress: bool =
 
     # 6. final checkpoint; artifacts once the schedule is complete
     checkpoint()
-    if ctx.is_main:
+    if runtime.is_main:
         metrics.close()
-    if ctx.is_main and trainer.step >= total_steps:
+    if runtime.is_main and trainer.step >= total_steps:
         meta = {"bank_fingerprint": bank.fingerprint, "steps": str(trainer.step), "exp": dcfg.exp}
         export_artifacts(net, exp_dir, meta)
-    if ctx.world_size > 1:
-        dist.barrier()
+    runtime.barrier()
     return exp_dir
-
-
-def _reduce(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
-    """Mean of each logged value over ranks (one all_reduce)."""
-    if ctx.world_size == 1:
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(tensor)
-    return {k: float(v) / ctx.world_size for k, v in zip(keys, tensor.tolist(), strict=True)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.losses import WhitenAxes, feature_losses, label_distillation
+from training.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,6 @@ class StepSettings:
     label_weight: float = 0.0
     label_temperature: float = 4.0
     grad_clip: float = 0.0
-    autocast_dtype: torch.dtype | None = None
-    """bf16/fp16 autocast on CUDA; None = float32."""
-    channels_last: bool = False
 
 
 class Trainer:
@@ -47,23 +44,21 @@ class Trainer:
         scheduler: object,
         targets: TargetFn,
         settings: StepSettings,
-        device: torch.device,
+        runtime: Runtime,
         *,
         scaler: torch.amp.GradScaler | None = None,
         step: int = 0,
     ) -> None:
-        """``model`` is what runs forward (DDP / compiled wrapper); ``net`` the plain :class:`DistillNet`."""
+        """``model`` is what runs forward (DDP / compiled wrapper); ``net`` the plain :class:`DistillNet`.
+
+        ``runtime`` gives the device, the autocast (bf16/fp16 on CUDA, float32 on CPU) and channels_last.
+        """
         self.model, self.net, self.optimizer, self.scheduler = model, net, optimizer, scheduler
-        self.targets, self.settings, self.device = targets, settings, device
-        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
+        self.targets, self.settings, self.runtime = targets, settings, runtime
+        self.device = runtime.device
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(self.device.type, enabled=False)
         self.step = step
         self._resized_logged: set[str] = set()
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = self.settings.autocast_dtype
-        if self.device.type == "cuda" and dtype is not None:
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
 
     def _match_size(self, preds: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict:
         """Resize a teacher level to the student's size at that stride (bilinear) and say so once."""
@@ -88,13 +83,13 @@ class Trainer:
         s = self.settings
         # 1. inputs: uint8 pixels -> normalised float on the device
         images_BCHW = self.net.normalize(batch["image"].to(self.device, non_blocking=True))
-        if s.channels_last:
+        if self.runtime.channels_last:
             images_BCHW = images_BCHW.contiguous(memory_format=torch.channels_last)
         # 2. targets from the bank (dequantised on the device) or from the teacher
         targets = self.targets(batch)
         # 3. forward
         self.model.train()
-        with self._autocast():
+        with self.runtime.autocast():
             out = self.model(images_BCHW)
         logits = out.pop("logits", None)
         # 4. losses in float32

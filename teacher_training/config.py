@@ -53,6 +53,8 @@ class TeacherTrainConfig:
     """DataLoader worker processes (0 = decode in the training process)."""
     cpu_threads: int = 0
     """torch intra-op threads on CPU (0 = torch's default)."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:N. Single process (no torchrun)."""
     amp: bool = True
     """bf16 autocast on CUDA."""
     channels_last: bool = True

@@ -37,6 +37,7 @@ from configlib import save_resolved
 from sources.images import ImageDataset, list_images, to_model_range
 from teacher_training.config import TeacherTrainConfig
 from teacher_training.inputs import TeacherTrainInputs
+from training.runtime import resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -253,7 +254,7 @@ def run_teacher_training(
     save_resolved(inputs, out)
     if tc.cpu_threads > 0:
         torch.set_num_threads(tc.cpu_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(tc.device, "teacher_train.device")
 
     # 2. Build model, schedule, optimiser, EMA.
     torch.manual_seed(tc.seed)

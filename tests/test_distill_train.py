@@ -393,6 +393,7 @@ def test_non_finite_loss_names_step_and_terms() -> None:
     from distill.student import build_student
     from distill.train import build_optimizer, build_schedule
     from distill.trainer import NonFiniteLossError, StepSettings, Trainer
+    from training.runtime import Runtime
 
     cfg = load_pipeline(REPO / "pipeline.yaml", ["distill.max_steps=4"]).distill
     net = DistillNet(build_student("resnet18"), {"s8": 4, "s16": 4}, channels=8)
@@ -411,7 +412,7 @@ def test_non_finite_loss_names_step_and_terms() -> None:
         scheduler,
         targets,
         StepSettings(whiten="sample", at_weight=10.0),
-        torch.device("cpu"),
+        Runtime(torch.device("cpu")),
         step=7,
     )
     with pytest.raises(NonFiniteLossError, match=r"step 7 .*'mse/s8'.*at/s16="):
@@ -497,3 +498,10 @@ def test_cuda_bf16_channels_last_step(bank_path: Path, tmp_path: Path) -> None:
         assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
         state = load_checkpoint(exp / "checkpoint.pt")
         assert bool(state["scaler"]) == (amp_dtype == "fp16")  # a GradScaler only for fp16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_names_the_key(bank_path: Path, tmp_path: Path) -> None:
+    # one device resolution for every stage (training.runtime): a clear error naming distill.device
+    with pytest.raises(ValueError, match=r"distill.device='cuda' but this process sees no CUDA device"):
+        run_distill(make_cfg(bank_path, tmp_path, "distill.device=cuda"), progress=False)

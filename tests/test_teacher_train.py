@@ -163,3 +163,11 @@ def test_cli_resume_without_checkpoint(tmp_path: Path) -> None:
     result = CliRunner().invoke(teacher, ["--resume", f"teacher_train.out={tmp_path / 'none'}"])
     assert result.exit_code != 0
     assert "no checkpoint" in str(result.exception)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_is_resolved_like_every_stage(tmp_path: Path, images: Path) -> None:
+    with pytest.raises(ValueError, match=r"teacher_train.device='cuda' but this process sees no CUDA"):
+        run_teacher_training(_cfg(tmp_path, device="cuda"), progress=False)
+    run_teacher_training(_cfg(tmp_path, "cpu", device="cpu", steps=1), progress=False)
+    assert (tmp_path / "cpu" / "pipeline" / "unet").is_dir()
