@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 from finetune.config import OptimConfig
 from finetune.optim import set_lr
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.runtime import Runtime
 
 
@@ -81,23 +81,11 @@ class MetricsLog:
             self.writer.close()
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Write ``path`` atomically (temp file + rename): a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    """Restore model (and optimizer) state; returns the step to continue from."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; run without --resume / --eval-only first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, object]:
+    """What a fine-tuning resume needs: weights, optimizer moments and the step. The schedule, the sampler order
+    and every step's RNG are functions of the step (``set_lr``, :class:`StepBatchSampler`, the per-step seed in
+    :func:`train_loop`), so no RNG or sampler state is stored."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
 
 
 def resume_step(
@@ -106,7 +94,11 @@ def resume_step(
     """Step to start from: 0 for a new run; else the checkpoint's (optimizer restored only to keep training)."""
     if not (resume or eval_only):
         return 0
-    return load_checkpoint(path, model, None if eval_only else optimizer)
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    if not eval_only:
+        optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -170,7 +162,7 @@ def train_loop(
             log.log(done, {"train/loss": loss_value, "train/lr": lr, **terms})
             bar.set_postfix(loss=f"{loss_value:.4f}")
         if runtime.is_main and (done % checkpoint_every == 0 or done == total):
-            save_checkpoint(checkpoint, unwrap(model), optimizer, done)
+            save_checkpoint(checkpoint, checkpoint_state(unwrap(model), optimizer, done))
         if on_eval is not None and eval_every > 0 and done % eval_every == 0 and done != total:
             on_eval(done)
             model.train()

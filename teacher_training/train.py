@@ -37,9 +37,10 @@ from configlib import save_resolved
 from sources.images import ImageDataset, list_images, to_model_range
 from teacher_training.config import TeacherTrainConfig
 from teacher_training.inputs import TeacherTrainInputs
+from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from training.runtime import resolve_device
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = CHECKPOINT_NAME
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,22 +157,19 @@ def train_step(state: TrainState, scheduler: DDPMScheduler, images_B3HW: torch.T
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints and outputs
 # ----------------------------------------------------------------------------------------------------------
-def save_checkpoint(state: TrainState, path: Path) -> None:
-    """Atomic: write ``<path>.tmp`` then rename, so a killed run never leaves a half-written checkpoint."""
-    payload = {
+def checkpoint_state(state: TrainState) -> dict[str, object]:
+    """Model + EMA + optimiser + LR schedule + step. No RNG state: every step's randomness comes from its own
+    generator (:func:`step_generator`), so the step alone places a resumed run."""
+    return {
         "step": state.step,
         "unet": state.unet.state_dict(),
         "ema": state.ema.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "lr_schedule": state.lr_schedule.state_dict(),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
-def load_checkpoint(state: TrainState, path: Path) -> None:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def restore_state(state: TrainState, payload: dict) -> None:
     state.unet.load_state_dict(payload["unet"])
     state.ema.load_state_dict(payload["ema"])
     state.optimizer.load_state_dict(payload["optimizer"])
@@ -268,7 +266,7 @@ def run_teacher_training(
     ema = EMAModel(unet.parameters(), decay=tc.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
     state = TrainState(unet=unet, ema=ema, optimizer=optimizer, lr_schedule=lr_schedule)
     if resume:
-        load_checkpoint(state, ckpt_path)
+        restore_state(state, load_checkpoint(ckpt_path))
         ema.to(device)
 
     # 3. Train: the sampler yields the batches of the remaining steps.
@@ -311,7 +309,7 @@ def run_teacher_training(
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             window, t_last = [], now
         if state.step % tc.checkpoint_every == 0 or state.step == end_step:
-            save_checkpoint(state, ckpt_path)
+            save_checkpoint(ckpt_path, checkpoint_state(state))
     bar.close()
     metrics.close()
 

@@ -54,9 +54,9 @@ def test_segmentation_run_writes_artifacts_and_resumes_exactly(tmp_path, monkeyp
     original_save = engine.save_checkpoint
     interrupted = tmp_path / "runs" / "b" / "checkpoint.pt"
 
-    def save_and_keep_step_2(path, model, optimizer, step):  # simulates a run killed right after step 2
-        original_save(path, model, optimizer, step)
-        if step == 2:
+    def save_and_keep_step_2(path, state):  # simulates a run killed right after step 2
+        original_save(path, state)
+        if state["step"] == 2:
             interrupted.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, interrupted)
 

@@ -1,4 +1,8 @@
-"""Training state on disk: written atomically (temp file + rename), read without unpickling code."""
+"""Training state on disk: written atomically (temp file + rename), read without unpickling code.
+
+Each stage builds its own state dict (model, optimizer, schedule, sampler position, ``rng_state()``) and hands it
+to :func:`save_checkpoint`; what a resume restores is the stage's decision, how the bytes reach disk is not.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA only where this process has CUDA)."""
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state(
@@ -60,6 +65,7 @@ def _python_state_from_tensor(state: dict[str, Any]) -> tuple:
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """``torch.save`` to ``<path>.tmp`` then ``os.replace``: a crash never leaves a half-written checkpoint."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -70,5 +76,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load with ``weights_only=True`` (tensors and plain containers only, never pickled code)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; run without --resume to start this experiment")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; run without --resume (or --eval-only) first to create it"
+        )
     return torch.load(path, map_location="cpu", weights_only=True)
