@@ -36,8 +36,8 @@ class TapInfo:
     """Student stride this level is distilled into."""
     channels: int
     height: int
-    """Teacher feature size at the encode resolution; may differ from ``resolution // stride`` (the student's
-    size at that stride), in which case distill resizes the target and says so."""
+    """Teacher feature size at the encode resolution: always ``resolution // stride`` (:func:`discover_taps`
+    refuses a stride the measured size contradicts), i.e. the student's size at that stride."""
     width: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -59,6 +59,35 @@ class Teacher(nn.Module, metaclass=abc.ABCMeta):
     resolution: int
     alphas_cumprod: torch.Tensor
     weight_files: tuple[Path, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every family's :meth:`default_taps` returns measured strides, whatever strides its code writes.
+
+        A family knows *where* its default taps are (the last block of each of the four lowest-resolution decoder
+        levels) but the stride of each depends on how many levels the model has, which its code would have to
+        re-derive (and both families used to assume six: 32, 16, 8, 4). So the base class wraps each family's
+        ``default_taps`` once, here: its result goes through :func:`with_measured_strides` (a meta-device dry
+        run, cached per instance). A family cannot forget it, and its code need not change.
+        """
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("default_taps")
+        if (
+            own is None
+            or getattr(own, "_measures_strides", False)
+            or getattr(own, "__isabstractmethod__", False)
+        ):
+            return
+
+        @functools.wraps(own)
+        def default_taps(self: Teacher) -> list[TapConfig]:
+            cache = self.__dict__.setdefault("_measured_default_taps", {})
+            if cls not in cache:  # per class: a subclass's override may pick other taps than its parent's
+                cache[cls] = with_measured_strides(self, own(self))
+            return [TapConfig(module=t.module, point=t.point, stride=t.stride) for t in cache[cls]]
+
+        default_taps._measures_strides = True  # type: ignore[attr-defined]
+        cls.default_taps = default_taps  # type: ignore[method-assign]
+
     """Files the weights were loaded from (empty: built in memory, e.g. a hub download or a test model)."""
 
     @functools.cached_property
@@ -86,7 +115,9 @@ class Teacher(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def default_taps(self) -> list[TapConfig]:
-        """The paper's four decoder levels (strides 32, 16, 8, 4) for this model family."""
+        """The paper's taps for this family: the four lowest-resolution decoder levels. Their strides are
+        measured (:func:`with_measured_strides`), not assumed: 32, 16, 8, 4 on a six-level UNet, 8, 4, 2, 1 on a
+        four-level one."""
 
     @abc.abstractmethod
     def identity(self) -> dict[str, Any]:
@@ -126,7 +157,8 @@ class FeatureTaps:
         feats = captured.features  # {level name: (B, C, h, w)}
     """
 
-    def __init__(self, teacher: Teacher, taps: list[TapConfig]) -> None:
+    def __init__(self, teacher: Teacher, taps: list[TapConfig], names: list[str] | None = None) -> None:
+        """``names`` key the captured features; default: the level name of each tap's stride (``s<stride>``)."""
         modules = dict(teacher.tap_root.named_modules())
         missing = [tap.module for tap in taps if tap.module not in modules]
         if missing:
@@ -134,10 +166,12 @@ class FeatureTaps:
                 f"tap module(s) {missing} do not exist in {type(teacher).__name__}. "
                 f"Available decoder module paths:\n  " + "\n  ".join(_decoder_paths(modules))
             )
-        names = [level_name(tap.stride) for tap in taps]
+        names = names if names is not None else [level_name(tap.stride) for tap in taps]
         if len(set(names)) != len(names):
             raise ValueError(f"two taps share a stride ({[t.stride for t in taps]}); use one tap per stride")
-        self._targets = [(level_name(tap.stride), modules[tap.module], tap.point) for tap in taps]
+        self._targets = [
+            (name, modules[tap.module], tap.point) for name, tap in zip(names, taps, strict=True)
+        ]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.features: dict[str, torch.Tensor] = {}
 
@@ -187,9 +221,12 @@ def _decoder_paths(modules: dict[str, nn.Module]) -> list[str]:
 def discover_taps(
     teacher: Teacher, taps: list[TapConfig], resolution: int, device: torch.device | str = "cpu"
 ) -> list[TapInfo]:
-    """Dry-run one image to learn each tap's channels and size; strides must divide ``resolution``.
+    """Dry-run one image to learn each tap's channels and size, and check each configured stride against it.
 
-    The dry run uses the meta device (no memory, no compute) and falls back to one real image on ``device``.
+    A tap's stride is a claim about the network (image size / feature size); a wrong one would label a level for
+    the wrong student stride and distill would quietly resize it. So a stride that does not match the measured
+    map is an error naming the tap and the measured value. The dry run uses the meta device (no memory, no
+    compute) and falls back to one real image on ``device``.
     """
     problems = [
         f"tap {tap.module} ({tap.point}): stride {tap.stride} does not divide the image size {resolution}"
@@ -198,13 +235,72 @@ def discover_taps(
     ]
     if problems:
         raise ValueError("\n".join(problems))
+    shapes = _dry_run_shapes(teacher, taps, resolution, device)
+    infos = []
+    for tap, (c, h, w) in zip(taps, shapes, strict=True):
+        measured = _measured_stride(tap, h, w, resolution)
+        if measured != tap.stride:
+            problems.append(
+                f"tap {tap.module} ({tap.point}): configured stride {tap.stride}, but its feature map is {h}x{w} "
+                f"at {resolution}x{resolution} px, i.e. stride {measured}; set stride: {measured} for this tap in "
+                "teachers.<name>.taps, or leave taps empty (the default taps take their strides from this "
+                "measurement)"
+            )
+        infos.append(TapInfo(level_name(tap.stride), tap.module, tap.point, tap.stride, c, h, w))
+    if problems:
+        raise ValueError("\n".join(problems))
+    return infos
+
+
+@torch.inference_mode()
+def with_measured_strides(
+    teacher: Teacher, taps: Sequence[TapConfig], resolution: int | None = None
+) -> list[TapConfig]:
+    """``taps`` with each stride replaced by the measured one: image size / feature size of a dry run.
+
+    For a family's default taps, whose position in the decoder is known but whose stride depends on how many
+    resolution levels the model has (a four-level UNet's lowest decoder level is stride 8 at any image size, a
+    six-level one's stride 32). ``resolution`` defaults to the teacher's native size; the dry run runs on the
+    meta device (falling back to one real image where the teacher's weights are).
+    """
+    resolution = resolution or teacher.resolution
+    device = next(itertools.chain(teacher.parameters(), teacher.buffers()), torch.empty(0)).device
+    shapes = _dry_run_shapes(teacher, list(taps), resolution, device)
+    measured = [
+        TapConfig(module=tap.module, point=tap.point, stride=_measured_stride(tap, h, w, resolution))
+        for tap, (_, h, w) in zip(taps, shapes, strict=True)
+    ]
+    strides = [tap.stride for tap in measured]
+    if len(set(strides)) != len(strides):
+        raise ValueError(
+            f"taps {[t.module for t in measured]} measure strides {strides}: two read the same resolution; "
+            "choose one tap per decoder level (teachers.<name>.taps)"
+        )
+    return measured
+
+
+def _measured_stride(tap: TapConfig, height: int, width: int, resolution: int) -> int:
+    """image size / feature size, which must be one integer for both axes."""
+    if height != width or height <= 0 or resolution % height:
+        raise ValueError(
+            f"tap {tap.module} ({tap.point}): its feature map is {height}x{width} at {resolution}x{resolution} px, "
+            "which is not an integer stride; pick a tap inside a decoder level (teachers.<name>.taps)"
+        )
+    return resolution // height
+
+
+def _dry_run_shapes(
+    teacher: Teacher, taps: list[TapConfig], resolution: int, device: torch.device | str
+) -> list[tuple[int, int, int]]:
+    """(channels, height, width) of each tap's tensor for one blank image of ``resolution`` px."""
     # Dry run on the meta device: the teacher's own code with shape-only stand-ins for its weights (no compute, no
     # memory), so discovering a 554M-parameter teacher's taps takes milliseconds instead of a full CPU forward.
     meta_state = {
         name: torch.empty_like(value, device="meta")
         for name, value in itertools.chain(teacher.named_parameters(), teacher.named_buffers())
     }
-    with FeatureTaps(teacher, taps) as captured:
+    names = [f"tap{i}" for i in range(len(taps))]  # by position: the strides are what is being checked
+    with FeatureTaps(teacher, taps, names=names) as captured:
         try:
             functional_call(teacher, meta_state, _dry_run_inputs(resolution, "meta"))
         except (NotImplementedError, RuntimeError):
@@ -212,14 +308,13 @@ def discover_taps(
             # ``device`` instead. A genuine model error is not hidden: the real pass raises it again.
             captured.features.clear()
             teacher.predict_eps(*_dry_run_inputs(resolution, device))
-    infos = []
-    for tap in taps:
-        name = level_name(tap.stride)
+    shapes = []
+    for tap, name in zip(taps, names, strict=True):
         if name not in captured.features:
             raise ValueError(f"tap {tap.module} ({tap.point}) was never called during a forward pass")
         _, c, h, w = captured.features[name].shape
-        infos.append(TapInfo(name, tap.module, tap.point, tap.stride, c, h, w))
-    return infos
+        shapes.append((int(c), int(h), int(w)))
+    return shapes
 
 
 def _dry_run_inputs(resolution: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,13 +155,17 @@ class DiffusersTeacher(Teacher):
     def default_taps(self) -> list[TapConfig]:
         """The last block of each of the four lowest-resolution decoder levels, before its upsampler.
 
-        ``up_blocks.{i}`` for i = 0..3 (lowest resolution first) -> strides 32, 16, 8, 4; a level with an upsampler
-        is read at the upsampler's input, a level without one (the model's final level) at the block's output.
+        ``up_blocks.{i}`` for i = 0..3 (lowest resolution first); a level with an upsampler is read at the
+        upsampler's input, a level without one (the model's final level) at the block's output. The strides
+        written here (32, 16, 8, 4: a six-level UNet such as the demo teacher) are replaced by the measured ones
+        (:class:`~teachers.base.Teacher` wraps every family's ``default_taps``): 8, 4, 2, 1 on a four-level UNet
+        (:meth:`debug`), whose lowest decoder level is 4x4 at 32 px. Assumed strides would label that model's
+        32x32 map "s4" and distill it into the student's 8x8 one.
         """
         if len(self.unet.up_blocks) < 4:
             raise ValueError(
                 f"the UNet has {len(self.unet.up_blocks)} decoder levels; the default taps need 4 "
-                "(set teacher.taps explicitly)"
+                "(set teachers.<name>.taps explicitly)"
             )
         taps = []
         for i, stride in enumerate((32, 16, 8, 4)):

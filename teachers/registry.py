@@ -95,5 +95,9 @@ def freeze(teacher: Teacher, device: torch.device, *, channels_last: bool) -> Te
 
 
 def resolve_taps(teacher: Teacher, cfg: TeacherConfig) -> list[TapConfig]:
-    """The configured taps, or the teacher family's defaults (the paper's four levels) when none are set."""
+    """The configured taps, or the teacher family's defaults (the paper's four levels) when none are set.
+
+    Default taps carry measured strides (``Teacher.default_taps``); configured strides are kept as written and
+    checked against the measurement by ``discover_taps``.
+    """
     return list(cfg.taps) if cfg.taps else teacher.default_taps()

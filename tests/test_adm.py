@@ -62,7 +62,8 @@ def test_fixture_reproduces_model_output_and_every_decoder_block(name: str) -> N
 def test_default_taps_are_last_block_of_lowest_four_levels_before_upsampling(name: str) -> None:
     teacher, expected = _load(name)
     taps = teacher.default_taps()
-    assert [t.stride for t in taps] == [32, 16, 8, 4]
+    # Measured strides: adm-tiny has six levels at 64 px (32..4), adm-tiny-heads four at 32 px (8..1).
+    assert [t.stride for t in taps] == {"adm-tiny": [32, 16, 8, 4], "adm-tiny-heads": [8, 4, 2, 1]}[name]
     blocks = [int(t.module.split(".")[1]) for t in taps]
     assert blocks == [2, 5, 8, 11]
     infos = discover_taps(teacher, taps, teacher.resolution)
@@ -143,10 +144,15 @@ def test_full_size_adm256_preset_builds_on_meta_with_554m_parameters() -> None:
 @pytest.mark.parametrize("preset", sorted(ADM_PRESETS))
 def test_every_preset_builds_and_has_four_default_taps(preset: str) -> None:
     infos = adm_tap_shapes(preset)
-    assert [i.stride for i in infos] == [32, 16, 8, 4]
     flags = ADMFlags.from_mapping(ADM_PRESETS[preset])
     lowest = flags.image_size // 2 ** (len(flags.channel_multipliers()) - 1)  # size at the bottom level
     assert [i.height for i in infos] == [lowest, 2 * lowest, 4 * lowest, 8 * lowest]
+    # The stride labels are image size / map size: 32..4 for the six-level 256 px presets, not for the others.
+    assert [i.stride for i in infos] == [
+        flags.image_size // h for h in (lowest, 2 * lowest, 4 * lowest, 8 * lowest)
+    ]
+    if flags.image_size == 256:
+        assert [i.stride for i in infos] == [32, 16, 8, 4]
 
 
 def test_schedules_match_closed_forms() -> None:

@@ -112,13 +112,34 @@ def _encoder(teacher: DiffusersTeacher, mode: str, t: int = 50, ddim_steps: int 
     )
 
 
+def test_encoder_refuses_a_configured_stride_the_dry_run_contradicts(teacher: DiffusersTeacher) -> None:
+    """The old six-level labels on the four-level UNet: its 32x32 map called "s4" would meet the student's 8x8."""
+    from teachers.config import TapConfig
+
+    wrong = [TapConfig(module="up_blocks.3", point="output", stride=4)]
+    with pytest.raises(
+        ValueError, match=r"up_blocks\.3 \(output\): configured stride 4, .*32x32 .*stride: 1"
+    ):
+        TeacherEncoder(
+            teacher,
+            wrong,
+            mode="noise",
+            t=50,
+            ddim_steps=1,
+            resolution=32,
+            device="cpu",
+            dtype_name="fp32",
+            channels_last=False,
+        )
+
+
 def test_encoder_noise_mode_equals_manual_read_out(teacher: DiffusersTeacher) -> None:
     encoder = _encoder(teacher, "noise")
     assert [(i.name, i.channels, i.height) for i in encoder.taps_info] == [
-        ("s32", 32, 4),
-        ("s16", 16, 8),
-        ("s8", 16, 16),
-        ("s4", 8, 32),
+        ("s8", 32, 4),  # four levels at 32 px: the maps are 4, 8, 16, 32 px, so strides 8, 4, 2, 1
+        ("s4", 16, 8),
+        ("s2", 16, 16),
+        ("s1", 8, 32),
     ]
     x0 = torch.rand(2, 3, 32, 32) * 2 - 1
     eps = make_noise([1, 2], [False, False], (3, 32, 32))
@@ -126,7 +147,7 @@ def test_encoder_noise_mode_equals_manual_read_out(teacher: DiffusersTeacher) ->
     xt = q_sample(x0, 50, eps, teacher.alphas_cumprod)
     with torch.no_grad(), FeatureTaps(teacher, teacher.default_taps()) as captured:
         teacher.predict_eps(xt, torch.full((2,), 50))
-    assert set(feats) == {"s32", "s16", "s8", "s4"}
+    assert set(feats) == {"s8", "s4", "s2", "s1"}
     for name, value in captured.features.items():
         assert feats[name].dtype == torch.float32
         torch.testing.assert_close(feats[name], value)

@@ -27,8 +27,8 @@ FAMILIES = {"diffusers": lambda: DiffusersTeacher.debug(32), "adm": _adm_tiny}
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_teacher_contract(family: str) -> None:
-    """Every family: float64 schedule, eps of the input's shape, four default taps at strides 32..4 that
-    discover with decreasing feature stride, and a JSON-serialisable identity."""
+    """Every family: float64 schedule, eps of the input's shape, four default taps whose strides are the measured
+    ones (both tiny models have four levels at 32 px: 8, 4, 2, 1), and a JSON-serialisable identity."""
     teacher: Teacher = FAMILIES[family]().eval()
     assert teacher.alphas_cumprod.dtype == torch.float64
     assert teacher.num_train_timesteps == 1000
@@ -36,10 +36,12 @@ def test_teacher_contract(family: str) -> None:
     x = torch.zeros(2, 3, teacher.resolution, teacher.resolution)
     with torch.no_grad():
         assert teacher.predict_eps(x, torch.tensor([0, 999])).shape == x.shape
-    taps = teacher.default_taps()
-    assert [t.stride for t in taps] == [32, 16, 8, 4]
+    taps = resolve_taps(teacher, TeacherConfig(kind=family))  # type: ignore[arg-type]
+    assert (
+        [t.stride for t in taps] == _hand_measured_strides(teacher, taps, teacher.resolution) == [8, 4, 2, 1]
+    )
     infos = discover_taps(teacher, taps, teacher.resolution)
-    assert [i.name for i in infos] == ["s32", "s16", "s8", "s4"]
+    assert [i.name for i in infos] == ["s8", "s4", "s2", "s1"]
     sizes = [i.height for i in infos]
     assert sizes == [sizes[0] * 2**k for k in range(4)] and all(i.height == i.width for i in infos)
     ident = json.loads(json.dumps(teacher.identity()))
@@ -64,7 +66,7 @@ def test_diffusers_default_taps_read_pre_upsample_points() -> None:
     with torch.no_grad(), FeatureTaps(teacher, teacher.default_taps()[:1]) as captured:
         teacher.predict_eps(torch.randn(1, 3, 32, 32), torch.tensor([10]))
     handle.remove()
-    torch.testing.assert_close(captured.features["s32"], seen["a"], rtol=0, atol=0)
+    torch.testing.assert_close(captured.features["s8"], seen["a"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["pipeline", "bare"])
@@ -170,8 +172,10 @@ class _RecordingTeacher(DiffusersTeacher):
 def test_discover_taps_runs_on_meta_and_falls_back_to_a_real_pass(reads_value: bool) -> None:
     base = DiffusersTeacher.debug(32)
     teacher = _RecordingTeacher(base.unet, _scheduler())
+    teacher.devices = []
+    taps = teacher.default_taps()  # measured by a dry run of its own: record only the discovery's
     teacher.devices, teacher.reads_value = [], reads_value
-    infos = discover_taps(teacher, teacher.default_taps(), 32)
+    infos = discover_taps(teacher, taps, 32)
     assert teacher.devices == (["meta", "cpu"] if reads_value else ["meta"])
     assert [(i.channels, i.height) for i in infos] == [(32, 4), (16, 8), (16, 16), (8, 32)]
     assert next(teacher.parameters()).device.type == "cpu"  # the real weights were never replaced
@@ -181,3 +185,87 @@ def _scheduler():  # noqa: ANN202 - diffusers type imported lazily
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=1000)
+
+
+# --- tap strides are measured, not assumed (issue 18 item 11) ------------------------------------------------
+def _hand_measured_strides(teacher: Teacher, taps: list[TapConfig], size: int) -> list[int]:
+    """Reference: hook each tap module on a real forward pass and divide the image size by the map's size."""
+    modules = dict(teacher.tap_root.named_modules())
+    shapes: dict[int, tuple[int, int]] = {}
+    handles = []
+    for i, tap in enumerate(taps):
+        if tap.point == "input":
+            hook = lambda m, args, i=i: shapes.__setitem__(i, tuple(args[0].shape[-2:]))  # noqa: E731
+            handles.append(modules[tap.module].register_forward_pre_hook(hook))
+        else:
+            hook = lambda m, args, out, i=i: shapes.__setitem__(i, tuple(out.shape[-2:]))  # noqa: E731
+            handles.append(modules[tap.module].register_forward_hook(hook))
+    with torch.no_grad():
+        teacher.predict_eps(torch.zeros(1, 3, size, size), torch.tensor([0]))
+    for handle in handles:
+        handle.remove()
+    assert all(h == w for h, w in shapes.values())
+    return [size // shapes[i][0] for i in range(len(taps))]
+
+
+def _six_level_debug_teacher(resolution: int = 64) -> DiffusersTeacher:
+    """The demo teacher's shape (teacher_train defaults: six levels) with tiny widths."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=resolution,
+        block_out_channels=(8, 8, 8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D",) * 6,
+        up_block_types=("UpBlock2D",) * 6,
+    )
+    return DiffusersTeacher(unet, DDPMScheduler(num_train_timesteps=1000))
+
+
+def test_four_level_diffusers_default_taps_get_the_measured_strides() -> None:
+    teacher = DiffusersTeacher.debug(32).eval()  # four levels: maps 4, 8, 16, 32 px at 32 px
+    taps = teacher.default_taps()
+    assert [t.stride for t in taps] == _hand_measured_strides(teacher, taps, 32) == [8, 4, 2, 1]
+    infos = discover_taps(teacher, taps, 32)
+    assert [(i.name, i.height) for i in infos] == [("s8", 4), ("s4", 8), ("s2", 16), ("s1", 32)]
+    # Strides are a property of the network, not of the encode size: at 64 px the same labels, maps twice as big.
+    assert [(i.name, i.height) for i in discover_taps(teacher, taps, 64)] == [
+        ("s8", 8),
+        ("s4", 16),
+        ("s2", 32),
+        ("s1", 64),
+    ]
+    assert resolve_taps(teacher, TeacherConfig(kind="diffusers")) == taps
+
+
+def test_six_level_diffusers_default_taps_keep_the_student_strides() -> None:
+    teacher = _six_level_debug_teacher().eval()
+    taps = teacher.default_taps()
+    assert [t.stride for t in taps] == _hand_measured_strides(teacher, taps, 64) == [32, 16, 8, 4]
+
+
+def test_adm_default_taps_get_the_measured_strides() -> None:
+    teacher = _adm_tiny().eval()  # adm-tiny-heads: four levels at 32 px
+    taps = teacher.default_taps()
+    assert [t.module for t in taps] == [
+        "output_blocks.2.1",
+        "output_blocks.5.2",
+        "output_blocks.8.2",
+        "output_blocks.11",
+    ]
+    assert [t.stride for t in taps] == _hand_measured_strides(teacher, taps, 32) == [8, 4, 2, 1]
+    assert resolve_taps(teacher, TeacherConfig(kind="adm")) == taps
+
+
+def test_a_configured_stride_that_disagrees_with_the_measured_one_is_refused() -> None:
+    teacher = DiffusersTeacher.debug(32)
+    wrong = [TapConfig(module="up_blocks.0.upsamplers.0", point="input", stride=32)]  # the old default label
+    with pytest.raises(ValueError) as err:
+        discover_taps(teacher, wrong, 32)
+    message = str(err.value)
+    assert "up_blocks.0.upsamplers.0" in message and "stride 32" in message and "4x4" in message
+    assert "stride: 8" in message and "taps" in message  # the fix: the measured value, or the default taps
+    right = [TapConfig(module="up_blocks.0.upsamplers.0", point="input", stride=8)]
+    assert discover_taps(teacher, right, 32)[0].name == "s8"
