@@ -29,7 +29,7 @@ from distill.student import STUDENT_STRIDES, build_student
 from distill.targets import BankTargets, LabelLogits, OnlineTargets
 from distill.trainer import StepSettings, Trainer
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from training.metrics import METRICS_NAME, MetricsLog, truncate_metrics
+from training.metrics import MetricsLog, MetricsWindow
 from training.runtime import Runtime, seed_everything, setup_runtime, teardown_runtime
 
 log = logging.getLogger(__name__)
@@ -222,8 +222,9 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
     )
     trainer = Trainer(model, net, optimizer, scheduler, targets, settings, runtime, scaler=scaler)
 
-    # 4. resume: model, optimizer, scheduler, scaler, sampler position, RNG
+    # 4. resume: model, optimizer, scheduler, scaler, sampler position, RNG, the metrics window
     epoch, batches_done = 0, 0
+    window = MetricsWindow()
     if resume:
         state = load_checkpoint(ckpt_path)
         net.load_state_dict(state["model"])
@@ -236,10 +237,9 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
             int(state["sampler"]["batches_done"]),
             int(state["step"]),
         )
-        rng = state["rng"] if runtime.is_main else load_checkpoint(exp_dir / "rng" / f"rank{runtime.rank}.pt")
-        set_rng_state(rng)
-        if runtime.is_main:
-            truncate_metrics(exp_dir / METRICS_NAME, trainer.step)
+        own = state if runtime.is_main else load_checkpoint(exp_dir / "rng" / f"rank{runtime.rank}.pt")
+        set_rng_state(own["rng"])
+        window.load_state_dict(own["window"])
         log.info("resumed %s at step %d (epoch %d, batch %d)", exp_dir, trainer.step, epoch, batches_done)
     else:
         sampler.set_epoch(0)
@@ -247,9 +247,11 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
     def checkpoint() -> None:
         sampler_state = sampler.state_dict(batches_done=batches_done)
         sampler_state["epoch"] = epoch
-        if not runtime.is_main:
-            (exp_dir / "rng").mkdir(exist_ok=True)
-            save_checkpoint(exp_dir / "rng" / f"rank{runtime.rank}.pt", rng_state())
+        if not runtime.is_main:  # each rank's own RNG and metrics window
+            save_checkpoint(
+                exp_dir / "rng" / f"rank{runtime.rank}.pt",
+                {"rng": rng_state(), "window": window.state_dict()},
+            )
             return
         save_checkpoint(
             ckpt_path,
@@ -261,17 +263,18 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
                 "scaler": scaler.state_dict(),
                 "sampler": sampler_state,
                 "rng": rng_state(),
+                "window": window.state_dict(),
                 "bank_fingerprint": bank.fingerprint,
             },
         )
 
     # 5. the loop: epochs of the bank sampler until total_steps
-    metrics = MetricsLog(exp_dir) if runtime.is_main else None
+    metrics = MetricsLog(exp_dir, enabled=runtime.is_main, resume_from=trainer.step if resume else None)
     bar = tqdm(
         total=total_steps, initial=trainer.step, disable=not (progress and runtime.is_main), desc="distill"
     )
-    window: dict[str, float] = {}
-    window_steps, wait_s, window_start = 0, 0.0, time.perf_counter()
+    # timing (data wait, throughput) covers the steps of this session only; the loss window spans sessions
+    timed_steps, wait_s, window_start = 0, 0.0, time.perf_counter()
     audit = None
     if dcfg.audit_rows:
         (exp_dir / "rows").mkdir(parents=True, exist_ok=True)
@@ -294,21 +297,22 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         if audit is not None:
             audit.write(" ".join(str(int(r)) for r in batch["row"]) + "\n")
         bar.update(1)
-        for key, value in values.items():
-            window[key] = window.get(key, 0.0) + value
-        window_steps += 1
-        if trainer.step % dcfg.log_every == 0 or trainer.step == stop_at:
+        window.add(values)
+        timed_steps += 1
+        # records at log boundaries and at the schedule's end, never at a session's stop_at_step: a stopped
+        # session's partial window goes into the checkpoint, so a resumed run logs what an uninterrupted one does
+        if trainer.step % dcfg.log_every == 0 or trainer.step == total_steps:
             elapsed = time.perf_counter() - window_start
-            record = runtime.mean_over_ranks({k: v / window_steps for k, v in window.items()})
+            record = runtime.mean_over_ranks(window.mean())
             record.update(
                 epoch=epoch,
                 data_wait_frac=wait_s / elapsed,
-                images_per_s=window_steps * dcfg.batch_size / elapsed,
+                images_per_s=timed_steps * dcfg.batch_size / elapsed,
             )
-            if metrics is not None:
-                metrics.write(trainer.step, record)
+            metrics.log(trainer.step, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", at=f"{record['at']:.4f}")
-            window, window_steps, wait_s, window_start = {}, 0, 0.0, time.perf_counter()
+            window.reset()
+            timed_steps, wait_s, window_start = 0, 0.0, time.perf_counter()
         if trainer.step % dcfg.checkpoint_every == 0 and trainer.step < stop_at:
             checkpoint()
     bar.close()
@@ -317,8 +321,7 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
 
     # 6. final checkpoint; artifacts once the schedule is complete
     checkpoint()
-    if runtime.is_main:
-        metrics.close()
+    metrics.close()
     if runtime.is_main and trainer.step >= total_steps:
         meta = {"bank_fingerprint": bank.fingerprint, "steps": str(trainer.step), "exp": dcfg.exp}
         export_artifacts(net, exp_dir, meta)

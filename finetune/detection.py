@@ -14,11 +14,12 @@ from tqdm import tqdm
 
 from finetune.coco import CocoInstances, collate, evaluate_coco, to_coco_results, write_results
 from finetune.config import FinetuneConfig
-from finetune.engine import MetricsLog, StepBatchSampler, resume_step, train_loop, unwrap
+from finetune.engine import StepBatchSampler, resume_step, train_loop, unwrap
 from finetune.heads.maskrcnn import build_mask_rcnn
 from finetune.optim import build_optimizer
 from finetune.report import palette, save_panels, write_summary
 from training.backbone import apply_norm, build_backbone
+from training.metrics import MetricsLog
 from training.runtime import Runtime
 
 SCHEDULE_EPOCHS = {"1x": 12, "2x": 24}
@@ -111,7 +112,8 @@ def run_detection(
     start = resume_step(checkpoint, model, optimizer, resume=resume, eval_only=eval_only)
     total = total_steps(det.schedule, det.iters, len(train_set), cfg.batch_size)
     train_model = runtime.wrap(model)
-    log = MetricsLog(out_dir, runtime.is_main)
+    continuing = resume and not eval_only and start > 0  # drop records written after the checkpoint
+    log = MetricsLog(out_dir, enabled=runtime.is_main, resume_from=start if continuing else None)
     per_rank_batch = max(1, cfg.batch_size // runtime.world_size)
 
     def evaluate(step: int) -> tuple[dict[str, float | None], dict]:

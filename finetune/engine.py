@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from tqdm import tqdm
 from finetune.config import OptimConfig
 from finetune.optim import set_lr
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.metrics import MetricsLog
 from training.runtime import Runtime
 
 
@@ -53,32 +53,6 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
                 epoch, offset = divmod(position, self.size)
                 keys.append((int(self._epoch_order(epoch)[offset]), self.seed * 1_000_003 + position))
             yield keys
-
-
-class MetricsLog:
-    """Append-only ``metrics.jsonl`` plus TensorBoard scalars (main rank only)."""
-
-    def __init__(self, folder: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = folder / "metrics.jsonl"
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(folder / "tb"))
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, object]:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from finetune.ade20k import ade20k_class_names, ade20k_pairs
 from finetune.config import FinetuneConfig, SegEvalConfig
-from finetune.engine import MetricsLog, StepBatchSampler, resume_step, train_loop, unwrap
+from finetune.engine import StepBatchSampler, resume_step, train_loop, unwrap
 from finetune.fewshot import fewshot_class_names, fewshot_pairs
 from finetune.heads.upernet import UperNet
 from finetune.metrics import ConfusionMatrix, per_class_table
@@ -23,6 +23,7 @@ from finetune.optim import build_optimizer
 from finetune.report import colourise, palette, save_panels, write_summary
 from finetune.seg_data import SegmentationDataset, read_image
 from training.backbone import apply_norm, build_backbone
+from training.metrics import MetricsLog
 from training.runtime import Runtime
 
 
@@ -149,7 +150,8 @@ def run_segmentation(
     checkpoint = out_dir / "checkpoint.pt"
     start = resume_step(checkpoint, model, optimizer, resume=resume, eval_only=eval_only)
     train_model = runtime.wrap(model)
-    log = MetricsLog(out_dir, runtime.is_main)
+    continuing = resume and not eval_only and start > 0  # drop records written after the checkpoint
+    log = MetricsLog(out_dir, enabled=runtime.is_main, resume_from=start if continuing else None)
 
     def evaluate(step: int) -> dict[str, object]:
         metrics, predictions = evaluate_segmentation(model, data.val, seg.eval, runtime, progress)

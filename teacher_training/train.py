@@ -5,7 +5,7 @@ on BDD100K). Output folder ``<out>/``::
 
     config.yaml       resolved pipeline config
     checkpoint.pt     model + EMA + optimiser + LR schedule + step (atomic; ``resume=True`` continues from it)
-    metrics.jsonl     one line per ``log_every`` steps: step, loss, lr, images/s
+    metrics.jsonl     one line per ``log_every`` steps: step, loss, lr, images/s (``tb/``: the same in TensorBoard)
     samples.png       DDIM samples from the EMA weights (written at the end)
     pipeline/         ``DDPMPipeline.save_pretrained``: model_index.json, unet/, scheduler/ (what encode loads)
 
@@ -38,6 +38,7 @@ from sources.images import ImageDataset, list_images, to_model_range
 from teacher_training.config import TeacherTrainConfig
 from teacher_training.inputs import TeacherTrainInputs
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from training.metrics import MetricsLog, MetricsWindow
 from training.runtime import resolve_device
 
 CHECKPOINT = CHECKPOINT_NAME
@@ -157,11 +158,13 @@ def train_step(state: TrainState, scheduler: DDPMScheduler, images_B3HW: torch.T
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints and outputs
 # ----------------------------------------------------------------------------------------------------------
-def checkpoint_state(state: TrainState) -> dict[str, object]:
-    """Model + EMA + optimiser + LR schedule + step. No RNG state: every step's randomness comes from its own
-    generator (:func:`step_generator`), so the step alone places a resumed run."""
+def checkpoint_state(state: TrainState, window: MetricsWindow) -> dict[str, object]:
+    """Model + EMA + optimiser + LR schedule + step (+ the metrics window since the last record). No RNG state:
+    every step's randomness comes from its own generator (:func:`step_generator`), so the step alone places a
+    resumed run."""
     return {
         "step": state.step,
+        "window": window.state_dict(),
         "unet": state.unet.state_dict(),
         "ema": state.ema.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -169,12 +172,13 @@ def checkpoint_state(state: TrainState) -> dict[str, object]:
     }
 
 
-def restore_state(state: TrainState, payload: dict) -> None:
+def restore_state(state: TrainState, window: MetricsWindow, payload: dict) -> None:
     state.unet.load_state_dict(payload["unet"])
     state.ema.load_state_dict(payload["ema"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.lr_schedule.load_state_dict(payload["lr_schedule"])
     state.step = int(payload["step"])
+    window.load_state_dict(payload["window"])
 
 
 @torch.inference_mode()
@@ -265,8 +269,9 @@ def run_teacher_training(
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.steps)
     ema = EMAModel(unet.parameters(), decay=tc.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
     state = TrainState(unet=unet, ema=ema, optimizer=optimizer, lr_schedule=lr_schedule)
+    window = MetricsWindow()  # mean loss since the last metrics record; in the checkpoint (see MetricsWindow)
     if resume:
-        restore_state(state, load_checkpoint(ckpt_path))
+        restore_state(state, window, load_checkpoint(ckpt_path))
         ema.to(device)
 
     # 3. Train: the sampler yields the batches of the remaining steps.
@@ -276,9 +281,8 @@ def run_teacher_training(
         ImageDataset(records, tc.resolution), batch_sampler=sampler, num_workers=tc.num_workers
     )
     rejects: dict[str, str] = {}
-    metrics = (out / "metrics.jsonl").open("a")
-    window: list[float] = []
-    t_last = time.perf_counter()
+    metrics = MetricsLog(out, resume_from=state.step if resume else None)
+    timed_steps, t_last = 0, time.perf_counter()
     bar = tqdm(total=tc.steps, initial=state.step, desc="teacher", disable=not progress, dynamic_ncols=True)
     for batch in loader:
         ok_B = batch["ok"]
@@ -294,22 +298,23 @@ def run_teacher_training(
         if device.type == "cuda" and tc.channels_last:
             images_B3HW = images_B3HW.contiguous(memory_format=torch.channels_last)
         gen = step_generator(tc.seed, state.step + 10**9)  # disjoint from the sampler's per-step generators
-        window.append(train_step(state, scheduler, images_B3HW, tc, gen))
+        window.add({"loss": train_step(state, scheduler, images_B3HW, tc, gen)})
+        timed_steps += 1
         bar.update(1)
-        if state.step % tc.log_every == 0 or state.step == end_step:
+        # at log boundaries and the schedule's end, not at stop_at_step (the partial window is checkpointed)
+        if window.steps and (state.step % tc.log_every == 0 or state.step == tc.steps):
             now = time.perf_counter()
             record = {
-                "step": state.step,
-                "loss": sum(window) / len(window),
+                **window.mean(),
                 "lr": lr_schedule.get_last_lr()[0],
-                "images_per_s": len(window) * tc.batch_size / (now - t_last),
+                "images_per_s": timed_steps * tc.batch_size / (now - t_last),
             }
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            metrics.log(state.step, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            window, t_last = [], now
+            window.reset()
+            timed_steps, t_last = 0, now
         if state.step % tc.checkpoint_every == 0 or state.step == end_step:
-            save_checkpoint(ckpt_path, checkpoint_state(state))
+            save_checkpoint(ckpt_path, checkpoint_state(state, window))
     bar.close()
     metrics.close()
 

@@ -505,3 +505,48 @@ def test_cuda_device_without_cuda_names_the_key(bank_path: Path, tmp_path: Path)
     # one device resolution for every stage (training.runtime): a clear error naming distill.device
     with pytest.raises(ValueError, match=r"distill.device='cuda' but this process sees no CUDA device"):
         run_distill(make_cfg(bank_path, tmp_path, "distill.device=cuda"), progress=False)
+
+
+def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    """Steps of ``tag`` as TensorBoard shows them (purged events of a resumed run are dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_resumed_metrics_equal_an_uninterrupted_run(
+    bank_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # log every 3 steps, checkpoint every 2: a session ends mid-window (step 4) and a crash re-runs steps 3..6
+    import shutil
+
+    import distill.train as train_module
+
+    every = ["distill.log_every=3", "distill.checkpoint_every=2", "distill.max_steps=6"]
+    straight = run_distill(make_cfg(bank_path, tmp_path, "distill.exp=a", *every), progress=False)
+    exp = tmp_path / "b"
+    original_save = train_module.save_checkpoint
+
+    def save_and_keep_step_2(path, state):  # noqa: ANN001, ANN202
+        original_save(path, state)
+        if state.get("step") == 2:
+            shutil.copy(path, exp / "step2.pt")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep_step_2)
+    run_distill(make_cfg(bank_path, tmp_path, "distill.exp=b", "distill.stop_at_step=4", *every), progress=False)
+    run_distill(make_cfg(bank_path, tmp_path, "distill.exp=b", *every), resume=True, progress=False)
+    # a run killed after logging step 6 but before its checkpoint landed: the last checkpoint is step 2's
+    shutil.copy(exp / "step2.pt", exp / "checkpoint.pt")
+    run_distill(make_cfg(bank_path, tmp_path, "distill.exp=b", *every), resume=True, progress=False)
+
+    timing = {"data_wait_frac", "images_per_s"}  # wall-clock figures of each session, not of the steps
+
+    def records(folder: Path) -> list[dict]:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+
+    assert [r["step"] for r in records(exp)] == [3, 6]
+    assert records(exp) == records(straight)
+    assert _tensorboard_steps(exp / "tb", "loss") == [3, 6]  # each step once, not 3, 6, 3, 6

@@ -171,3 +171,18 @@ def test_device_is_resolved_like_every_stage(tmp_path: Path, images: Path) -> No
         run_teacher_training(_cfg(tmp_path, device="cuda"), progress=False)
     run_teacher_training(_cfg(tmp_path, "cpu", device="cpu", steps=1), progress=False)
     assert (tmp_path / "cpu" / "pipeline" / "unet").is_dir()
+
+
+def test_resumed_metrics_equal_an_uninterrupted_run(tmp_path: Path, images: Path) -> None:
+    # log every 3 steps, checkpoint every 2: the session stopped at step 2 is mid-window
+    every = {"log_every": 3, "checkpoint_every": 2}
+    run_teacher_training(_cfg(tmp_path, "a", **every), progress=False)
+    run_teacher_training(_cfg(tmp_path, "b", **every), progress=False, stop_at_step=2)
+    run_teacher_training(_cfg(tmp_path, "b", **every), resume=True, progress=False)
+
+    def records(out: str) -> list[dict]:
+        lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+
+    assert [r["step"] for r in records("b")] == [3, 4]
+    assert records("b") == records("a")
