@@ -14,13 +14,14 @@ from tqdm import tqdm
 
 from finetune.coco import CocoInstances, collate, evaluate_coco, to_coco_results, write_results
 from finetune.config import FinetuneConfig
-from finetune.engine import StepBatchSampler, resume_step, train_loop, unwrap
+from finetune.engine import resume_step, train_loop, unwrap
 from finetune.heads.maskrcnn import build_mask_rcnn
 from finetune.optim import build_optimizer
 from finetune.report import palette, save_panels, write_summary
 from training.backbone import apply_norm, build_backbone
 from training.metrics import MetricsLog
 from training.runtime import Runtime
+from training.sampler import StepBatchSampler
 
 SCHEDULE_EPOCHS = {"1x": 12, "2x": 24}
 
@@ -138,7 +139,14 @@ def run_detection(
     history: list[float] = []
     if not eval_only and start < total:
         sampler = StepBatchSampler(
-            len(train_set), cfg.batch_size, total, start, cfg.seed, runtime.rank, runtime.world_size
+            len(train_set),
+            cfg.batch_size,
+            total,
+            start,
+            cfg.seed,
+            runtime.rank,
+            runtime.world_size,
+            key="finetune.batch_size",
         )
         loader = DataLoader(
             train_set,

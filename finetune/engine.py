@@ -1,4 +1,4 @@
-"""Task-independent training machinery: step-indexed sampling, the train loop, checkpoints, metric logs."""
+"""The fine-tuning train loop and its resume (shared plumbing: training.checkpoint/metrics/runtime/sampler)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from finetune.config import OptimConfig
@@ -17,42 +15,6 @@ from finetune.optim import set_lr
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.metrics import MetricsLog
 from training.runtime import Runtime
-
-
-class StepBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Yields this rank's keys ``(index, aug_seed)`` for steps ``start..total-1``.
-
-    The global order is a concatenation of per-epoch permutations seeded by ``(seed, epoch)``; every sample's
-    augmentation seed is a function of ``(seed, step, slot)``. So a resumed run sees exactly the batches (and
-    augmentations) of an uninterrupted one. Why not DistributedSampler: it cannot start mid-epoch.
-    """
-
-    def __init__(
-        self, size: int, global_batch: int, total: int, start: int, seed: int, rank: int, world: int
-    ):
-        if global_batch % world:
-            raise ValueError(f"finetune.batch_size={global_batch} is not divisible by the {world} ranks")
-        self.size, self.batch, self.total, self.start = size, global_batch, total, start
-        self.seed, self.rank, self.world = seed, rank, world
-        self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return max(0, self.total - self.start)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self._cached[0] != epoch:
-            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.size))
-        return self._cached[1]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        per_rank = self.batch // self.world
-        for step in range(self.start, self.total):
-            keys = []
-            for slot in range(self.rank * per_rank, (self.rank + 1) * per_rank):
-                position = step * self.batch + slot
-                epoch, offset = divmod(position, self.size)
-                keys.append((int(self._epoch_order(epoch)[offset]), self.seed * 1_000_003 + position))
-            yield keys
 
 
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, object]:

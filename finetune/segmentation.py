@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from finetune.ade20k import ade20k_class_names, ade20k_pairs
 from finetune.config import FinetuneConfig, SegEvalConfig
-from finetune.engine import StepBatchSampler, resume_step, train_loop, unwrap
+from finetune.engine import resume_step, train_loop, unwrap
 from finetune.fewshot import fewshot_class_names, fewshot_pairs
 from finetune.heads.upernet import UperNet
 from finetune.metrics import ConfusionMatrix, per_class_table
@@ -25,6 +25,7 @@ from finetune.seg_data import SegmentationDataset, read_image
 from training.backbone import apply_norm, build_backbone
 from training.metrics import MetricsLog
 from training.runtime import Runtime
+from training.sampler import StepBatchSampler
 
 
 @dataclass
@@ -162,7 +163,14 @@ def run_segmentation(
     history: list[float] = []
     if not eval_only and start < seg.iters:
         sampler = StepBatchSampler(
-            len(data.train), cfg.batch_size, seg.iters, start, cfg.seed, runtime.rank, runtime.world_size
+            len(data.train),
+            cfg.batch_size,
+            seg.iters,
+            start,
+            cfg.seed,
+            runtime.rank,
+            runtime.world_size,
+            key="finetune.batch_size",
         )
         loader = DataLoader(
             data.train,

@@ -9,8 +9,9 @@ on BDD100K). Output folder ``<out>/``::
     samples.png       DDIM samples from the EMA weights (written at the end)
     pipeline/         ``DDPMPipeline.save_pretrained``: model_index.json, unet/, scheduler/ (what encode loads)
 
-Randomness is a pure function of (seed, step): each step draws its batch indices, flips, timesteps and noise
-from its own generator, so a resumed run repeats exactly the steps an uninterrupted run would have taken.
+Randomness is a pure function of (seed, step): each step's batch is its slice of seeded epoch permutations
+(``training.sampler.StepBatchSampler``) and its flips, timesteps and noise come from its own generator, so a
+resumed run repeats exactly the steps an uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
@@ -40,6 +40,7 @@ from teacher_training.inputs import TeacherTrainInputs
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from training.metrics import MetricsLog, MetricsWindow
 from training.runtime import resolve_device
+from training.sampler import StepBatchSampler
 
 CHECKPOINT = CHECKPOINT_NAME
 
@@ -87,21 +88,6 @@ def build_scheduler(tc: TeacherTrainConfig) -> DDPMScheduler:
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator that owns all randomness of one training step (makes resume exact)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-class StepBatchSampler(Sampler[list[int]]):
-    """Yields, for steps ``start..end-1``, the batch indices drawn from that step's own generator."""
-
-    def __init__(self, n_items: int, batch_size: int, seed: int, start: int, end: int) -> None:
-        self.n_items, self.batch_size, self.seed, self.start, self.end = n_items, batch_size, seed, start, end
-
-    def __len__(self) -> int:
-        return max(0, self.end - self.start)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start, self.end):
-            gen = step_generator(self.seed, step)
-            yield torch.randint(0, self.n_items, (self.batch_size,), generator=gen).tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,7 +262,15 @@ def run_teacher_training(
 
     # 3. Train: the sampler yields the batches of the remaining steps.
     end_step = tc.steps if stop_at_step is None else min(tc.steps, stop_at_step)
-    sampler = StepBatchSampler(len(records), tc.batch_size, tc.seed, state.step, end_step)
+    sampler = StepBatchSampler(
+        len(records),
+        tc.batch_size,
+        end_step,
+        state.step,
+        tc.seed,
+        with_seeds=False,
+        key="teacher_train.batch_size",
+    )
     loader = DataLoader(
         ImageDataset(records, tc.resolution), batch_sampler=sampler, num_workers=tc.num_workers
     )

@@ -201,3 +201,18 @@ def test_lr_schedules():
     assert lr_factor(50, 100, poly) == pytest.approx(0.5)
     step = OptimConfig(schedule="step", warmup_iters=0, milestones=[0.5, 0.75], gamma=0.1)
     assert [lr_factor(s, 100, step) for s in (49, 50, 74, 75)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
+
+
+def test_step_sampler_ranks_split_each_global_batch_and_every_epoch_covers_the_data():
+    from training.sampler import StepBatchSampler
+
+    one = list(StepBatchSampler(6, 4, total=3, start=0, seed=5))
+    ranks = [list(StepBatchSampler(6, 4, total=3, start=0, seed=5, rank=r, world=2)) for r in range(2)]
+    for step in range(3):  # rank 0 takes the first half of the global batch, rank 1 the second
+        assert ranks[0][step] + ranks[1][step] == one[step]
+    indices = [i for batch in one for i, _ in batch]
+    assert sorted(indices[:6]) == sorted(indices[6:12]) == list(range(6))  # each epoch is a permutation
+    assert len({s for batch in one for _, s in batch}) == 12  # one augmentation seed per position
+    assert list(StepBatchSampler(6, 4, total=3, start=2, seed=5)) == one[2:]
+    with pytest.raises(ValueError, match="finetune.batch_size=3 is not divisible by the 2 ranks"):
+        StepBatchSampler(6, 3, total=1, start=0, seed=0, world=2, key="finetune.batch_size")

@@ -18,13 +18,13 @@ from dreamteacher.resolve import resolve
 from dreamteacher.schema import PipelineConfig, load_pipeline
 from teacher_training.config import TeacherTrainConfig
 from teacher_training.train import (
-    StepBatchSampler,
     build_scheduler,
     build_unet,
     diffusion_loss,
     step_generator,
 )
 from teacher_training.train import run_teacher_training as _run_teacher_training
+from training.sampler import StepBatchSampler
 
 
 def run_teacher_training(cfg, **kwargs):  # noqa: ANN001, ANN003, ANN201 - whole pipeline configs
@@ -112,9 +112,12 @@ def test_diffusion_loss_is_epsilon_mse() -> None:
 
 
 def test_step_sampler_is_a_function_of_the_step() -> None:
-    full = list(StepBatchSampler(10, 3, seed=1, start=0, end=5))
-    tail = list(StepBatchSampler(10, 3, seed=1, start=3, end=5))
+    full = list(StepBatchSampler(10, 3, total=5, start=0, seed=1, with_seeds=False))
+    tail = list(StepBatchSampler(10, 3, total=5, start=3, seed=1, with_seeds=False))
     assert full[3:] == tail and len(full) == 5
+    # epoch permutations: steps 0..2 hold 9 distinct items, the 10th opens step 3 before epoch 1's order
+    flat = [i for batch in full for i in batch]
+    assert len(set(flat[:9])) == 9 and sorted(flat[:10]) == list(range(10))
     assert torch.equal(
         torch.rand(2, generator=step_generator(1, 4)), torch.rand(2, generator=step_generator(1, 4))
     )
