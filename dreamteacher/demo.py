@@ -215,7 +215,7 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
 
     from distill.train import run_distill
     from dreamteacher.probe import run_probe
-    from dreamteacher.report import write_report
+    from dreamteacher.report import ReportInputs, write_report
     from encode.pipeline import run_encode
 
     started = time.perf_counter()
@@ -288,7 +288,21 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
         "timings_s": timings,
     }
     (plan.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    report = write_report(plan, exp_dir, results, table)
+    dcfg = plan.distill.distill
+    report_inputs = ReportInputs(
+        out=plan.out,
+        bank=Path(dcfg.bank),
+        distill_dir=exp_dir,
+        student=dcfg.student.name,
+        regressor_channels=dcfg.regressor.channels,
+        pool_scales=list(dcfg.regressor.pool_scales),
+        whiten=dcfg.loss.whiten,
+        levels=list(dcfg.levels),
+        finetune_dirs={key: Path(c.finetune.out) / c.finetune.exp for key, c in plan.finetune.items()},
+        coco_root=Path(plan.encode.dataset(TASKS["coco"][0]).root),
+        teacher_dir=teacher_path,
+    )
+    report = write_report(report_inputs, results, table)
     click.echo("\n" + table)
     click.echo(f"\nreport: {report}  ({timings['total']:.0f} s)")
     return results

@@ -47,8 +47,13 @@ def test_debug_demo_end_to_end(tmp_path: Path, small_data: None) -> None:
             assert (run / "results.json").is_file() and (run / "predictions.png").is_file()
             assert (out / "report" / f"predictions_{task}_{init}.png").is_file()
     report = (out / "report.md").read_text()
-    for link in ("report/data.png", "report/features.png", "report/losses.png"):
+    for link in ("report/data.png", "report/features.png", "report/losses.png",
+                 "report/predictions_coco_distilled.png", "report/predictions_fewshot_random.png"):  # fmt: skip
         assert link in report
+    # Each distilled level's error is printed (mse against the whitened teacher, a finite number).
+    errors = [line.split("|") for line in report.splitlines() if line.startswith("| s")]
+    assert {row[1].strip() for row in errors} == {"s4", "s8", "s16", "s32"}
+    assert all(math.isfinite(float(row[2])) for row in errors)
     assert [row["metric"] for row in results["table"]] == ["mIoU", "segm_AP", "bbox_AP"]
     for row in results["table"]:
         for init in ("distilled", "random"):
