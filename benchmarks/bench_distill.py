@@ -36,6 +36,7 @@ from teachers.adm import ADMTeacher, adm_default_taps, adm_from_flags, adm_tap_s
 from teachers.adm_presets import preset_flags
 from teachers.encoding import TeacherEncoder, make_noise
 from training.metrics import read_metrics
+from training.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "adm-256-uncond"
@@ -149,7 +150,7 @@ def bench_online_mode(bank: Path, batch: int, steps: int, warmup: int) -> dict[s
         scheduler,
         targets,
         StepSettings(whiten="sample", at_weight=10.0, grad_clip=3.0),
-        device,
+        Runtime(device),
     )
     loader, _ = make_loader(bank, batch, num_workers=0, pin_memory=False, levels=[])
     times = []

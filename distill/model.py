@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from distill.regressor import FeatureRegressor
-from distill.student import Student
 from teachers.base import level_name
+from training.backbone import Backbone
 
 
 class DistillNet(nn.Module):
@@ -15,7 +15,7 @@ class DistillNet(nn.Module):
 
     def __init__(
         self,
-        student: Student,
+        student: Backbone,
         teacher_channels: dict[str, int],
         *,
         channels: int = 256,

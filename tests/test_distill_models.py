@@ -67,3 +67,17 @@ def test_torchvision_layout_for_resnet() -> None:
     assert "layer4.1.bn2.running_var" in tv and "fc.weight" not in tv
     with pytest.raises(ValueError, match="torchvision"):
         torchvision_resnet_state_dict("convnext_atto", {})
+
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_student_state_dict_is_in_timm_names(name: str) -> None:
+    # one backbone wrapper, one key spelling: the student's own keys are the plain timm model's (no key map)
+    import timm
+
+    student = build_student(name)
+    with torch.device("meta"):
+        reference = timm.create_model(name).state_dict()
+    keys = set(student.state_dict())
+    assert {k.removeprefix("model.") for k in keys} <= set(reference)
+    assert all(k.startswith("model.") for k in keys)
+    assert set(student.timm_state_dict()) == {k.removeprefix("model.") for k in keys}

@@ -153,7 +153,7 @@ def test_loss_falls_when_overfitting(bank_path: Path, tmp_path: Path) -> None:
     )
     trained = load_checkpoint(exp / "checkpoint.pt")["model"]
     for key, value in fresh.state_dict().items():
-        assert torch.equal(value, trained[f"student.body.{key}"]), key
+        assert torch.equal(value, trained[f"student.model.{key}"]), key
     import torchvision
 
     tv = torchvision.models.resnet18()
@@ -476,7 +476,7 @@ def test_convnext_export_loads_into_timm(tmp_path: Path) -> None:
         pretrained_cfg_overlay=dict(file=str(written["backbone"])),
     )
     assert torch.equal(
-        feats.stages_3.blocks[0].conv_dw.weight, net.student.body.stages_3.blocks[0].conv_dw.weight
+        feats.stages_3.blocks[0].conv_dw.weight, net.student.model.stages[3].blocks[0].conv_dw.weight
     )
 
 
@@ -535,7 +535,9 @@ def test_resumed_metrics_equal_an_uninterrupted_run(
             shutil.copy(path, exp / "step2.pt")
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep_step_2)
-    run_distill(make_cfg(bank_path, tmp_path, "distill.exp=b", "distill.stop_at_step=4", *every), progress=False)
+    run_distill(
+        make_cfg(bank_path, tmp_path, "distill.exp=b", "distill.stop_at_step=4", *every), progress=False
+    )
     run_distill(make_cfg(bank_path, tmp_path, "distill.exp=b", *every), resume=True, progress=False)
     # a run killed after logging step 6 but before its checkpoint landed: the last checkpoint is step 2's
     shutil.copy(exp / "step2.pt", exp / "checkpoint.pt")
