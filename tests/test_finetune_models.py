@@ -207,3 +207,20 @@ def test_every_backbone_parameter_gets_a_gradient(name):
     sum(f.mean() for f in backbone(torch.randn(2, 3, 64, 64))).backward()
     unused = [n for n, p in backbone.named_parameters() if p.grad is None]
     assert not unused
+
+
+def test_upernet_and_distill_regressor_share_one_pyramid_pooling():
+    from distill.regressor import FeatureRegressor
+    from training.blocks import PyramidPooling
+
+    seg = UperNet(Backbone("resnet18"), 3, TINY_HEAD)
+    regressor = FeatureRegressor([8, 8, 8, 8], {"s4": 2}, ["s4", "s8", "s16", "s32"], channels=8)
+    assert type(seg.decode_head.ppm) is PyramidPooling and type(regressor.ppm) is PyramidPooling
+    # scale-1 branch by hand: 1x1 conv of the spatial mean, broadcast back (BN in eval with fresh stats ~ id)
+    ppm = PyramidPooling(2, 1, [1]).eval()
+    with torch.no_grad():
+        ppm.stages[0][1][0].weight.fill_(1.0)  # 1x1 conv: sum over the 2 input channels
+        x = torch.rand(1, 2, 4, 4)
+        branch = ppm.stages[0](x)
+    expected = torch.relu(x.mean(dim=(2, 3), keepdim=True).sum(1, keepdim=True) / (1 + 1e-5) ** 0.5)
+    torch.testing.assert_close(branch, expected)

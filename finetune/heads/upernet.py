@@ -11,34 +11,11 @@ from torch import nn
 
 from finetune.config import UperNetConfig
 from training.backbone import Backbone
-
-
-def conv_bn_relu(in_ch: int, out_ch: int, kernel: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(True),
-    )
+from training.blocks import PyramidPooling, conv_bn_relu
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-class PPM(nn.Module):
-    """Pyramid pooling: adaptive-average-pool to each scale, 1x1 conv, upsample back, concat with the input."""
-
-    def __init__(self, in_ch: int, channels: int, pool_scales: list[int]) -> None:
-        super().__init__()
-        self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_bn_relu(in_ch, channels, 1))
-            for scale in pool_scales
-        )
-        self.bottleneck = conv_bn_relu(in_ch + len(pool_scales) * channels, channels, 3)
-
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        pooled = [_resize(stage(x_BCHW), x_BCHW.shape[-2:]) for stage in self.stages]
-        return self.bottleneck(torch.cat([x_BCHW, *pooled], dim=1))  # (B, channels, H, W)
 
 
 class UperNetHead(nn.Module):
@@ -47,7 +24,7 @@ class UperNetHead(nn.Module):
     def __init__(self, in_channels: list[int], num_classes: int, cfg: UperNetConfig) -> None:
         super().__init__()
         ch = cfg.channels
-        self.ppm = PPM(in_channels[-1], ch, cfg.pool_scales)
+        self.ppm = PyramidPooling(in_channels[-1], ch, cfg.pool_scales)
         self.lateral = nn.ModuleList(conv_bn_relu(c, ch, 1) for c in in_channels[:-1])
         self.fpn = nn.ModuleList(conv_bn_relu(ch, ch, 3) for _ in in_channels[:-1])
         self.fuse = conv_bn_relu(len(in_channels) * ch, ch, 3)
