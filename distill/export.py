@@ -6,8 +6,9 @@ import json
 import logging
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from configlib import atomic_write_bytes
 from distill.model import DistillNet
 from distill.student import is_torchvision_resnet, torchvision_resnet_state_dict
 
@@ -19,9 +20,8 @@ REGRESSOR_NAME = "regressor.safetensors"
 
 
 def _save_atomic(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    """safetensors bytes written atomically: a reader finds the previous file or the whole new one."""
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def export_artifacts(net: DistillNet, folder: str | Path, metadata: dict[str, str]) -> dict[str, Path]:

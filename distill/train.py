@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from configlib import save_resolved
+from configlib import atomic_write_text, save_resolved
 from distill.config import DistillConfig
 from distill.export import export_artifacts
 from distill.inputs import DistillInputs
@@ -73,9 +72,7 @@ def record_bank(exp_dir: Path, bank: Any, *, resume: bool) -> None:
                 "the original bank or start a new experiment (distill.exp=...)"
             )
         return
-    tmp = record_path.with_name(record_path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, record_path)
+    atomic_write_text(record_path, json.dumps(record, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------------------

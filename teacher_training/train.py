@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from configlib import save_resolved
+from configlib import atomic_write_text, save_resolved
 from sources.images import ImageDataset, list_images, to_model_range
 from teacher_training.config import TeacherTrainConfig
 from teacher_training.inputs import TeacherTrainInputs
@@ -189,7 +189,10 @@ EXPORT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.fl
 
 
 def export_pipeline(state: TrainState, scheduler: DDPMScheduler, folder: Path, dtype: str) -> Path:
-    """EMA weights -> ``DDPMPipeline.save_pretrained`` (unet/ + scheduler/, safetensors), written atomically."""
+    """EMA weights -> ``DDPMPipeline.save_pretrained`` (unet/ + scheduler/, safetensors), written atomically.
+
+    A folder, not a file: written whole into ``<folder>.tmp`` and renamed into place (configlib's atomic writers
+    are for single files)."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"teacher_train.export_dtype {dtype!r}; choices: {', '.join(EXPORT_DTYPES)}")
     unet = build_unet_like(state.unet)
@@ -283,7 +286,7 @@ def run_teacher_training(
         if not ok_B.all():  # unreadable files are skipped (listed in rejects.json), never fatal
             reasons = zip(batch["key"], batch["reason"], ok_B.tolist(), strict=True)
             rejects.update({key: reason for key, reason, ok in reasons if not ok})
-            (out / "rejects.json").write_text(json.dumps(rejects, indent=1, sort_keys=True))
+            atomic_write_text(out / "rejects.json", json.dumps(rejects, indent=1, sort_keys=True))
             if not ok_B.any():
                 state.step += 1  # keep the step <-> randomness mapping of an uninterrupted run
                 bar.update(1)
