@@ -53,7 +53,7 @@ class OnlineTargets:
             )
         teacher_cfg = provenance.teacher_config_at(teachers[name])
         self.encoder = build_encoder(
-            teacher_cfg, provenance.encoding, device, taps=provenance.tap_configs(levels)
+            teacher_cfg, provenance.encoding, device, taps=provenance.tap_configs(levels), name=name
         )
         self.teacher = self.encoder.teacher
         provenance.check_weights(self.teacher.identity())

@@ -114,7 +114,7 @@ def run_probe(encode: EncodeInputs, data: str, dataset: DatasetConfig) -> dict[s
     num_classes = len((root / "classes.txt").read_text().split())
     (train_u8, train_y), (test_u8, test_y) = _load_split(root, "train"), _load_split(root, "test")
     t, tcfg = encode.encode.t, encode.teacher
-    teacher = build_teacher(tcfg, "cpu")
+    teacher = build_teacher(tcfg, "cpu", name=encode.encode.teacher)
     taps = resolve_taps(teacher, tcfg)
     # 1. The same architecture with random weights (the trained teacher's config, re-initialised).
     torch.manual_seed(0)

@@ -119,7 +119,7 @@ def build_encoder(settings: EncodeSettings, device: torch.device) -> TeacherEnco
     """Load the frozen teacher on ``device``, resolve its taps and dry-run them (validates taps and strides)."""
     if device.type == "cpu" and settings.encode.cpu_threads > 0:
         torch.set_num_threads(settings.encode.cpu_threads)
-    return build_teacher_encoder(settings.teacher, settings.encoding, device)
+    return build_teacher_encoder(settings.teacher, settings.encoding, device, name=settings.encode.teacher)
 
 
 def get_encoder(settings: EncodeSettings) -> tuple[TeacherEncoder, threading.Lock]:

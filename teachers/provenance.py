@@ -184,16 +184,17 @@ def build_encoder(
     device: torch.device,
     *,
     taps: list[TapConfig] | None = None,
+    name: str = "",
 ) -> TeacherEncoder:
     """Load the frozen teacher on ``device`` and wrap it in the read-out (taps dry-run and validated).
 
     ``taps`` default to ``teacher_cfg.taps`` or, when those are empty, the family's defaults; ``encoding.resolution``
-    0 means the teacher's native size.
+    0 means the teacher's native size. ``name`` is the ``teachers:`` entry, for error messages.
     """
     from teachers.encoding import TeacherEncoder
     from teachers.registry import build_teacher, resolve_taps
 
-    teacher = build_teacher(teacher_cfg, device)
+    teacher = build_teacher(teacher_cfg, device, name=name)
     return TeacherEncoder(
         teacher,
         taps if taps is not None else resolve_taps(teacher, teacher_cfg),
