@@ -26,7 +26,12 @@ class DistillNet(nn.Module):
         self.student = student
         names = [level_name(s) for s in student.strides]
         self.regressor = FeatureRegressor(
-            student.channels, teacher_channels, names, channels=channels, pool_scales=pool_scales
+            student.channels,
+            teacher_channels,
+            names,
+            channels=channels,
+            pool_scales=pool_scales,
+            extra_outputs=[names[0]] if num_classes > 0 else [],
         )
         # Label distillation: student logits from the finest FPN level (stride 4), like a segmentation head.
         self.label_head = nn.Conv2d(channels, num_classes, 1) if num_classes > 0 else None
@@ -44,5 +49,5 @@ class DistillNet(nn.Module):
         pyramid = self.regressor.pyramid(feats)
         out = self.regressor.project(pyramid)
         if self.label_head is not None:
-            out["logits"] = self.label_head(pyramid[0])  # (B, K, H/4, W/4)
+            out["logits"] = self.label_head(pyramid[self.regressor.level_names[0]])  # (B, K, H/4, W/4)
         return out

@@ -81,3 +81,15 @@ def test_student_state_dict_is_in_timm_names(name: str) -> None:
     assert {k.removeprefix("model.") for k in keys} <= set(reference)
     assert all(k.startswith("model.") for k in keys)
     assert set(student.timm_state_dict()) == {k.removeprefix("model.") for k in keys}
+
+
+@pytest.mark.parametrize(
+    ("levels", "num_classes"), [({"s8": 3, "s16": 3, "s32": 5}, 0), ({"s32": 5}, 0), ({"s16": 2}, 4)]
+)
+def test_every_parameter_gets_a_gradient_on_a_level_subset(levels: dict[str, int], num_classes: int) -> None:
+    # DDP runs without find_unused_parameters: a built but unused output conv fails its second step
+    net = DistillNet(build_student("resnet18"), levels, channels=8, num_classes=num_classes)
+    out = net(torch.randn(2, 3, 32, 32))
+    sum(v.float().mean() for v in out.values()).backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None] == []
+    assert sorted(out) == sorted([*levels, *(["logits"] if num_classes else [])])
