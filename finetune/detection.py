@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,7 @@ def run_detection(
     resume: bool,
     eval_only: bool,
     progress: bool,
+    on_start: Callable[[], None] = lambda: None,
 ) -> dict[str, object]:
     """Train (unless ``eval_only``) and evaluate Mask R-CNN; writes coco_results.json, summary.md, predictions.png."""
     det = cfg.detection
@@ -113,6 +115,7 @@ def run_detection(
     start = resume_step(checkpoint, model, optimizer, resume=resume, eval_only=eval_only)
     total = total_steps(det.schedule, det.iters, len(train_set), cfg.batch_size)
     train_model = runtime.wrap(model)
+    on_start()  # data, model and checkpoint are in place: the run starts (config.yaml is written now)
     continuing = resume and not eval_only and start > 0  # drop records written after the checkpoint
     log = MetricsLog(out_dir, enabled=runtime.is_main, resume_from=start if continuing else None)
     per_rank_batch = max(1, cfg.batch_size // runtime.world_size)

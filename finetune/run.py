@@ -10,6 +10,8 @@ from configlib import save_resolved, to_dict
 from finetune.inputs import FinetuneInputs
 from finetune.report import write_json
 from sources.datasets import ensure_available
+from training.checkpoint import CHECKPOINT_NAME
+from training.metrics import METRICS_NAME
 from training.runtime import seed_everything, setup_runtime, teardown_runtime
 
 # task -> (dataset layout it needs, "module:function" running it)
@@ -18,6 +20,28 @@ TASKS: dict[str, tuple[str, str]] = {
     "fewshot": ("fewshot", "finetune.segmentation:run_segmentation"),
     "coco": ("coco", "finetune.detection:run_detection"),
 }
+
+
+TRAINING_FILES = (CHECKPOINT_NAME, METRICS_NAME)
+"""Files only training writes: their presence means the folder already holds a run."""
+
+
+def check_run_folder(out_dir: Path, *, resume: bool, eval_only: bool) -> None:
+    """Refuse to start a new run over an existing one (it would overwrite the checkpoint and append to the
+    logs), as distill does; ``--resume`` / ``--eval-only`` need the checkpoint."""
+    if resume or eval_only:
+        if not (out_dir / CHECKPOINT_NAME).is_file():
+            flag = "--resume" if resume else "--eval-only"
+            raise FileNotFoundError(
+                f"{flag}: no checkpoint at {out_dir / CHECKPOINT_NAME}; run without {flag} to train first"
+            )
+        return
+    found = [name for name in TRAINING_FILES if (out_dir / name).exists()]
+    if found:
+        raise ValueError(
+            f"{out_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, --eval-only to "
+            "evaluate it, or choose finetune.exp=NEW"
+        )
 
 
 def run_finetune(
@@ -36,23 +60,39 @@ def run_finetune(
             f"{ds_cfg.layout!r}; set finetune.data to a {layout} dataset"
         )
     root = ensure_available(ft.data, ds_cfg)
-    # 2. Process setup; the resolved config goes beside the run before any work.
-    runtime = setup_runtime(ft.device, key="finetune.device", amp=ft.amp, channels_last=ft.channels_last)
+    # 2. The run folder: a new run never lands on an old one; --resume / --eval-only need its checkpoint.
     out_dir = Path(ft.out) / ft.exp
-    if runtime.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(inputs, out_dir)
-    runtime.barrier()
+    check_run_folder(out_dir, resume=resume, eval_only=eval_only)
+    # 3. Process setup.
+    runtime = setup_runtime(ft.device, key="finetune.device", amp=ft.amp, channels_last=ft.channels_last)
     seed_everything(ft.seed + runtime.rank)
-    # 3. The task.
+
+    def on_start() -> None:
+        """Called by the task once data, model and checkpoint are built: the resolved config goes beside the
+        run before any training, and a run that fails to start leaves no config.yaml (nor folder) behind."""
+        if runtime.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(inputs, out_dir)
+        runtime.barrier()
+
+    # 4. The task.
     module_name, attr = target.split(":")
     run_task = getattr(importlib.import_module(module_name), attr)
     started = time.perf_counter()
     try:
-        metrics = run_task(ft, root, out_dir, runtime, resume=resume, eval_only=eval_only, progress=progress)
+        metrics = run_task(
+            ft,
+            root,
+            out_dir,
+            runtime,
+            resume=resume,
+            eval_only=eval_only,
+            progress=progress,
+            on_start=on_start,
+        )
     finally:
         teardown_runtime(runtime)
-    # 4. Results file.
+    # 5. Results file.
     metrics["seconds"] = time.perf_counter() - started
     if runtime.is_main:
         write_json(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,7 @@ def run_segmentation(
     resume: bool,
     eval_only: bool,
     progress: bool,
+    on_start: Callable[[], None] = lambda: None,
 ) -> dict[str, object]:
     """Train (unless ``eval_only``) and evaluate UperNet; writes summary.md and predictions.png."""
     seg = cfg.segmentation
@@ -151,6 +153,7 @@ def run_segmentation(
     checkpoint = out_dir / "checkpoint.pt"
     start = resume_step(checkpoint, model, optimizer, resume=resume, eval_only=eval_only)
     train_model = runtime.wrap(model)
+    on_start()  # data, model and checkpoint are in place: the run starts (config.yaml is written now)
     continuing = resume and not eval_only and start > 0  # drop records written after the checkpoint
     log = MetricsLog(out_dir, enabled=runtime.is_main, resume_from=start if continuing else None)
 

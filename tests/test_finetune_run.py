@@ -148,3 +148,32 @@ def test_task_and_layout_mismatch_is_a_clear_error(tmp_path):
     root = write_ade20k(tmp_path / "ade", n_train=1, n_val=1)
     with pytest.raises(ValueError, match="needs a dataset with layout 'coco'"):
         run_finetune(_cfg(tmp_path, root, "ade20k", "x", "finetune.task=coco"), progress=False)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    # issue 18 item 13: it silently overwrote checkpoint.pt and appended to metrics.jsonl
+    root = write_ade20k(tmp_path / "ade", n_train=2, n_val=1)
+    cfg = _cfg(tmp_path, root, "ade20k", "twice", *SEG, "finetune.segmentation.iters=1")
+    run_finetune(cfg, progress=False)
+    out = tmp_path / "runs" / "twice"
+    checkpoint, metrics = (out / "checkpoint.pt").read_bytes(), (out / "metrics.jsonl").read_text()
+    with pytest.raises(
+        ValueError, match=r"already holds a run \(checkpoint.pt, metrics.jsonl\); pass --resume"
+    ):
+        run_finetune(cfg, progress=False)
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint and (
+        out / "metrics.jsonl"
+    ).read_text() == metrics
+    assert run_finetune(cfg, eval_only=True, progress=False)["steps"] == 1  # evaluating it stays allowed
+
+
+def test_a_run_that_fails_to_start_leaves_no_config(tmp_path):
+    root = write_ade20k(tmp_path / "ade", n_train=2, n_val=1)
+    missing = tmp_path / "missing.safetensors"
+    cfg = _cfg(tmp_path, root, "ade20k", "bad", *SEG, f"finetune.ckpt={missing}")
+    with pytest.raises(FileNotFoundError, match="finetune.ckpt"):
+        run_finetune(cfg, progress=False)
+    assert not (tmp_path / "runs" / "bad").exists()  # no config.yaml, not even the folder
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+        run_finetune(_cfg(tmp_path, root, "ade20k", "bad", *SEG), resume=True, progress=False)
+    assert not (tmp_path / "runs" / "bad" / "config.yaml").exists()
