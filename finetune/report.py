@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from configlib import atomic_write_text  # noqa: E402
 
 
 def _json_safe(value: object) -> object:
@@ -26,9 +27,7 @@ def _json_safe(value: object) -> object:
 
 def write_json(path: Path, payload: object) -> None:
     """Atomic JSON write; NaN (undefined metric) becomes null."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(payload), indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(_json_safe(payload), indent=2))
 
 
 def write_summary(
