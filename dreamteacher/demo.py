@@ -29,7 +29,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from configlib import apply_overrides, from_mapping, save_resolved, to_dict
+from configlib import apply_overrides, atomic_write_text, from_mapping, save_resolved, to_dict
 from dreamteacher.resolve import resolve
 from dreamteacher.schema import DemoConfig, DemoSizeConfig, PipelineConfig
 from sources.datasets import ensure_available
@@ -287,7 +287,7 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
         "encode": {k: v for k, v in encode_summary.as_dict().items() if k != "rejects"},
         "timings_s": timings,
     }
-    (plan.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    atomic_write_text(plan.out / "results.json", json.dumps(results, indent=2, default=float))
     dcfg = plan.distill.distill
     report_inputs = ReportInputs(
         out=plan.out,
