@@ -139,6 +139,7 @@ def run_distill(inputs: DistillInputs, *, resume: bool = False, progress: bool =
 
 
 def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: bool) -> Path:
+    """The run proper, numbered steps; :func:`run_distill` owns the process group around it."""
     from bank import Bank, make_loader
 
     dcfg = inputs.distill
@@ -266,7 +267,8 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         )
 
     # 5. the loop: epochs of the bank sampler until total_steps
-    metrics = MetricsLog(exp_dir, enabled=runtime.is_main, resume_from=trainer.step if resume else None)
+    # drops records after the start step: written by a run that died after its checkpoint (or before its first)
+    metrics = MetricsLog(exp_dir, enabled=runtime.is_main, resume_from=trainer.step)
     bar = tqdm(
         total=total_steps, initial=trainer.step, disable=not (progress and runtime.is_main), desc="distill"
     )

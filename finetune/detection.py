@@ -116,8 +116,8 @@ def run_detection(
     total = total_steps(det.schedule, det.iters, len(train_set), cfg.batch_size)
     train_model = runtime.wrap(model)
     on_start()  # data, model and checkpoint are in place: the run starts (config.yaml is written now)
-    continuing = resume and not eval_only and start > 0  # drop records written after the checkpoint
-    log = MetricsLog(out_dir, enabled=runtime.is_main, resume_from=start if continuing else None)
+    # training drops records written after its start step (by a run that died); --eval-only appends its record
+    log = MetricsLog(out_dir, enabled=runtime.is_main, resume_from=None if eval_only else start)
     per_rank_batch = max(1, cfg.batch_size // runtime.world_size)
 
     def evaluate(step: int) -> tuple[dict[str, float | None], dict]:

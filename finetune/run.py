@@ -11,7 +11,6 @@ from finetune.inputs import FinetuneInputs
 from finetune.report import write_json
 from sources.datasets import ensure_available
 from training.checkpoint import CHECKPOINT_NAME
-from training.metrics import METRICS_NAME
 from training.runtime import seed_everything, setup_runtime, teardown_runtime
 
 # task -> (dataset layout it needs, "module:function" running it)
@@ -22,24 +21,20 @@ TASKS: dict[str, tuple[str, str]] = {
 }
 
 
-TRAINING_FILES = (CHECKPOINT_NAME, METRICS_NAME)
-"""Files only training writes: their presence means the folder already holds a run."""
-
-
 def check_run_folder(out_dir: Path, *, resume: bool, eval_only: bool) -> None:
-    """Refuse to start a new run over an existing one (it would overwrite the checkpoint and append to the
-    logs), as distill does; ``--resume`` / ``--eval-only`` need the checkpoint."""
+    """Refuse to start a new run over one that left a checkpoint (it would overwrite it and append to its logs),
+    as distill does; ``--resume`` / ``--eval-only`` need the checkpoint. A folder whose run never reached a
+    checkpoint is started over (its metrics.jsonl / TensorBoard records are dropped: nothing can resume them)."""
+    checkpoint = out_dir / CHECKPOINT_NAME
     if resume or eval_only:
-        if not (out_dir / CHECKPOINT_NAME).is_file():
+        if not checkpoint.is_file():
             flag = "--resume" if resume else "--eval-only"
             raise FileNotFoundError(
-                f"{flag}: no checkpoint at {out_dir / CHECKPOINT_NAME}; run without {flag} to train first"
+                f"{flag}: no checkpoint at {checkpoint}; run without {flag} to train first"
             )
-        return
-    found = [name for name in TRAINING_FILES if (out_dir / name).exists()]
-    if found:
+    elif checkpoint.exists():
         raise ValueError(
-            f"{out_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, --eval-only to "
+            f"{out_dir} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it, --eval-only to "
             "evaluate it, or choose finetune.exp=NEW"
         )
 

@@ -154,8 +154,8 @@ def run_segmentation(
     start = resume_step(checkpoint, model, optimizer, resume=resume, eval_only=eval_only)
     train_model = runtime.wrap(model)
     on_start()  # data, model and checkpoint are in place: the run starts (config.yaml is written now)
-    continuing = resume and not eval_only and start > 0  # drop records written after the checkpoint
-    log = MetricsLog(out_dir, enabled=runtime.is_main, resume_from=start if continuing else None)
+    # training drops records written after its start step (by a run that died); --eval-only appends its record
+    log = MetricsLog(out_dir, enabled=runtime.is_main, resume_from=None if eval_only else start)
 
     def evaluate(step: int) -> dict[str, object]:
         metrics, predictions = evaluate_segmentation(model, data.val, seg.eval, runtime, progress)

@@ -278,7 +278,7 @@ def run_teacher_training(
         ImageDataset(records, tc.resolution), batch_sampler=sampler, num_workers=tc.num_workers
     )
     rejects: dict[str, str] = {}
-    metrics = MetricsLog(out, resume_from=state.step if resume else None)
+    metrics = MetricsLog(out, resume_from=state.step)  # drops records a dead run wrote after its checkpoint
     timed_steps, t_last = 0, time.perf_counter()
     bar = tqdm(total=tc.steps, initial=state.step, desc="teacher", disable=not progress, dynamic_ncols=True)
     for batch in loader:

@@ -158,13 +158,17 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
     out = tmp_path / "runs" / "twice"
     checkpoint, metrics = (out / "checkpoint.pt").read_bytes(), (out / "metrics.jsonl").read_text()
     with pytest.raises(
-        ValueError, match=r"already holds a run \(checkpoint.pt, metrics.jsonl\); pass --resume"
+        ValueError, match=r"already holds a run \(checkpoint.pt\); pass --resume"
     ):
         run_finetune(cfg, progress=False)
     assert (out / "checkpoint.pt").read_bytes() == checkpoint and (
         out / "metrics.jsonl"
     ).read_text() == metrics
     assert run_finetune(cfg, eval_only=True, progress=False)["steps"] == 1  # evaluating it stays allowed
+    # a run that died before its first checkpoint cannot be resumed: a new run starts over, logs included
+    (out / "checkpoint.pt").unlink()
+    run_finetune(cfg, progress=False)
+    assert (out / "metrics.jsonl").read_text().count('"train/loss"') == 1
 
 
 def test_a_run_that_fails_to_start_leaves_no_config(tmp_path):
