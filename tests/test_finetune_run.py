@@ -157,9 +157,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
     run_finetune(cfg, progress=False)
     out = tmp_path / "runs" / "twice"
     checkpoint, metrics = (out / "checkpoint.pt").read_bytes(), (out / "metrics.jsonl").read_text()
-    with pytest.raises(
-        ValueError, match=r"already holds a run \(checkpoint.pt\); pass --resume"
-    ):
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint.pt\); pass --resume"):
         run_finetune(cfg, progress=False)
     assert (out / "checkpoint.pt").read_bytes() == checkpoint and (
         out / "metrics.jsonl"
