@@ -34,3 +34,12 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
     return wrapper
+
+
+class DefaultToTrain(click.Group):
+    """A group whose first argument, when it is not a subcommand name, belongs to ``train``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)

@@ -18,11 +18,14 @@ same way (``dreamteacher teacher diagnose``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from teachers.config import TeacherConfig
 from teachers.encoding import make_noise
+from teachers.provenance import Encoding
 
 EncodeFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 """``encode(x0_BCHW in [-1, 1], eps_BCHW) -> {level: (B, C, h, w) float32}``."""
@@ -80,3 +83,36 @@ def format_diagnostics(results: dict[str, dict[str, float]]) -> str:
             f"| {name} | {r['draw_to_draw']:.4f} | {r['flip_same_noise']:.4f} | {r['flip_fresh_noise']:.4f} |"
         )
     return "\n".join(lines)
+
+
+def run_teacher_diagnostics(
+    teacher_cfg: TeacherConfig,
+    encoding: Encoding,
+    images_dir: str | Path,
+    *,
+    name: str = "",
+    limit: int = 32,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict[str, dict[str, float]]:
+    """:func:`flip_and_noise_diagnostics` of a configured teacher on the first ``limit`` images of a folder."""
+    from sources.datasets import DatasetConfig
+    from sources.images import list_images, load_image
+    from teachers.encoding import row_seed
+    from teachers.provenance import build_encoder
+    from training.runtime import resolve_device
+
+    if encoding.mode != "noise":
+        raise ValueError("teacher diagnostics measure noise draws: use encode.mode=noise")
+    encoder = build_encoder(teacher_cfg, encoding, resolve_device(device, "--device"), name=name)
+    records = list_images("diagnose", DatasetConfig(root=str(images_dir), layout="folder", limit=limit))
+    images, seeds = [], []
+    for record in records:
+        image, _ = load_image(record, encoder.resolution)
+        if image is not None:
+            images.append(torch.from_numpy(image))
+            seeds.append(row_seed(seed, record.key, 0))
+    if not images:
+        raise ValueError(f"no readable image below {images_dir}")
+    x0 = torch.stack(images).float() / 127.5 - 1.0
+    return flip_and_noise_diagnostics(lambda x, e: encoder(x, e), x0.to(encoder.device), seeds)

@@ -11,16 +11,7 @@ import logging
 
 import click
 
-from dreamteacher.options import config_options
-
-
-class DefaultToTrain(click.Group):
-    """A group whose first argument, when it is not a subcommand name, belongs to ``train``."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or args[0] not in self.commands and args[0] not in ("-h", "--help"):
-            args = ["train", *args]
-        return super().parse_args(ctx, args)
+from dreamteacher.options import DefaultToTrain, config_options
 
 
 @click.group(cls=DefaultToTrain)
@@ -57,3 +48,21 @@ def plot(exp_dir: str, out: str | None) -> None:
     from training.metrics import plot_losses
 
     click.echo(str(plot_losses(exp_dir, out)))
+
+
+@distill.command("eval")
+@click.argument("exp_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Held-out images (a folder, recursive; none of them in the run's bank).")  # fmt: skip
+@click.option(
+    "--draws", default=16, show_default=True, help="Noise draws per image for the expected features."
+)
+@click.option("--limit", default=0, help="Use the first N images (0 = all).")
+@click.option("--device", default="auto", show_default=True)
+@config_options
+def evaluate(cfg, exp_dir: str, images: str, draws: int, limit: int, device: str) -> None:  # noqa: ANN001
+    """Held-out feature fidelity of a run vs the teacher's expected features; writes EXP_DIR/fidelity.json."""
+    from distill.evaluate import evaluate_run
+
+    report = evaluate_run(exp_dir, images, cfg.teachers, draws=draws, limit=limit, device=device)
+    click.echo(report.format())
