@@ -40,6 +40,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
+# The declared dependency floors (setup.cfg), installed as ==floor in a scratch venv, against the tests that use
+# them. Slow (about 4 min on a 2-core VM with a warm pip cache, mostly installing torch): not part of `make test`.
+.PHONY: test-floors
+test-floors:
+	scripts/check_floors.sh
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
