@@ -2,8 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+
+@dataclass(kw_only=True)
+class SlurmConfig:
+    """``dreamteacher encode --slurm N``: N SLURM jobs, each one dask worker (dask-jobqueue ``SLURMCluster``).
+
+    One job = one worker process = ``gpus`` GPU(s) (0: a CPU job), so a worker's ``CUDA_VISIBLE_DEVICES`` is the
+    one SLURM gives the job. The worker runs ``encode.tasks_per_worker`` task threads and ``encode.num_workers``
+    decoding processes: ``cpus`` should cover both. dask-jobqueue's own config (``~/.config/dask/jobqueue.yaml``)
+    still applies to anything not set here.
+    """
+
+    queue: str = ""
+    """Partition (``#SBATCH -p``); empty = the cluster's default."""
+    account: str = ""
+    """``#SBATCH -A``; empty = none."""
+    gpus: int = 1
+    """GPUs per job (``#SBATCH --gres=gpu:N``); the worker declares ``--resources GPU=N``. 0 = a CPU-only job."""
+    cpus: int = 8
+    """``#SBATCH --cpus-per-task``: task threads + decoding processes of the worker."""
+    memory: str = "64GB"
+    """``#SBATCH --mem`` and the worker's memory limit."""
+    walltime: str = "24:00:00"
+    """``#SBATCH -t``; a job that runs out costs only its in-flight shards (a re-run finishes them)."""
+    python: str = ""
+    """The Python the job runs the worker with; empty = the driver's own (a shared-filesystem venv)."""
+    prologue: list[str] = field(default_factory=list)
+    """Shell lines run before the worker (``module load cuda``, ``source /shared/venv/bin/activate``)."""
+    directives: list[str] = field(default_factory=list)
+    """Further ``#SBATCH`` options, e.g. ``--constraint=a100``."""
+    interface: str = ""
+    """Network interface the scheduler and workers listen on (e.g. ``ib0``); empty = the host name's address."""
+    log_directory: str = ""
+    """Where the jobs' stdout/stderr go; empty = the submit directory."""
+    wait_minutes: float = 0.0
+    """How long to wait for the first job to start before giving up; 0 = as long as it takes (queued jobs)."""
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be >= {low}, got {getattr(self, name)}"
+            for name, low in (("gpus", 0), ("cpus", 1), ("wait_minutes", 0))
+            if isinstance(getattr(self, name), int | float) and getattr(self, name) < low
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
 
 
 @dataclass(kw_only=True)
@@ -48,6 +93,8 @@ class EncodeConfig:
     cpu_threads: int = 0
     """torch threads of a worker running on CPU; 0 = torch's default. Fix it to get the same bytes from
     processes with different default thread counts."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """The SLURM jobs ``--slurm N`` submits."""
 
     def __post_init__(self) -> None:
         # Ranges the stages divide or loop by (draws=0 was a ZeroDivisionError deep in the run). One problem per line,

@@ -8,6 +8,8 @@
   images and the bank on a shared filesystem. When the cluster's workers declare a ``GPU`` resource, each task
   asks for ``1 / tasks_per_worker`` of one.
 * ``use_dask=False``: the same task function on a thread pool in this process (debugging, tests).
+* :func:`slurm_cluster`: N SLURM jobs (dask-jobqueue, ``pip install -e .[slurm]``) built from ``encode.slurm``;
+  ``dreamteacher encode --slurm N`` passes its address as the scheduler.
 
 One task = one shard; tasks are idempotent, so dask retries and whole re-runs are safe.
 """
@@ -17,8 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import as_completed as futures_as_completed
@@ -26,6 +31,7 @@ from concurrent.futures import as_completed as futures_as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
 from tqdm.auto import tqdm
 
+from encode.config import EncodeConfig
 from encode.worker import ShardStats, ShardTask, clear_caches, encode_shard
 
 
@@ -42,6 +48,18 @@ class WorkerCaches(WorkerPlugin):
 
     def teardown(self, worker: object) -> None:
         clear_caches()
+
+
+def run_shard(task: ShardTask) -> ShardStats:
+    """:func:`encode.worker.encode_shard`, stamped with the ``host:pid`` that ran it (which worker did what)."""
+    stats = encode_shard(task)
+    stats.worker = f"{socket.gethostname()}:{os.getpid()}"
+    return stats
+
+
+def shards_per_worker(results: Sequence[ShardStats]) -> dict[str, int]:
+    """Shards each process encoded in this run (skipped ones, already done, are not counted)."""
+    return dict(sorted(Counter(s.worker for s in results if not s.skipped).items()))
 
 
 def visible_gpus() -> list[str]:
@@ -115,14 +133,17 @@ def run_tasks(
     with bar:
         if not use_dask:
             with ThreadPoolExecutor(max_workers=tasks_per_worker, thread_name_prefix="encode") as pool:
-                futures = [pool.submit(encode_shard, task) for task in tasks]
+                futures = [pool.submit(run_shard, task) for task in tasks]
                 for future in futures_as_completed(futures):
                     results.append(future.result())
                     update(results[-1])
-            return results
-        with contextlib.ExitStack() as stack:
-            address = scheduler or stack.enter_context(local_cluster(workers, tasks_per_worker))
-            results = _run_on_cluster(address, tasks, tasks_per_worker, retries, update)
+        else:
+            with contextlib.ExitStack() as stack:
+                address = scheduler or stack.enter_context(local_cluster(workers, tasks_per_worker))
+                results = _run_on_cluster(address, tasks, tasks_per_worker, retries, update)
+    if progress:
+        counts = shards_per_worker(results)
+        print(f"workers        {len(counts)}: " + ", ".join(f"{w} {n} shards" for w, n in counts.items()))
     return results
 
 
@@ -146,7 +167,7 @@ def _run_on_cluster(
         token = uuid.uuid4().hex[:8]  # fresh keys: never reuse a previous run's (possibly failed) result
         futures = [
             client.submit(
-                encode_shard,
+                run_shard,
                 task,
                 key=f"encode-shard-{task.shard:06d}-{token}",
                 retries=retries,
@@ -162,3 +183,76 @@ def _run_on_cluster(
             update(stats)
             future.release()
         return results
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SLURM (dask-jobqueue, optional)
+# ------------------------------------------------------------------------------------------------------------
+def slurm_cluster_options(enc: EncodeConfig) -> dict:
+    """``dask_jobqueue.SLURMCluster`` keyword arguments for ``encode.slurm``: one job = one worker process.
+
+    The worker runs ``encode.tasks_per_worker`` threads (``cores``), declares its GPUs as a dask resource (the
+    tasks ask for ``1 / tasks_per_worker`` of one) and is non-daemonic so it may start decoding processes.
+    """
+    slurm = enc.slurm
+    directives = [f"--gres=gpu:{slurm.gpus}"] if slurm.gpus else []
+    options: dict = {
+        "cores": enc.tasks_per_worker,
+        "processes": 1,
+        "job_cpu": slurm.cpus,
+        "memory": slurm.memory,
+        "walltime": slurm.walltime,
+        "job_name": "dreamteacher-encode",
+        "python": slurm.python or sys.executable,
+        "job_extra_directives": [*directives, *slurm.directives],
+        "worker_extra_args": ["--resources", f"GPU={slurm.gpus}"] if slurm.gpus else [],
+        "job_script_prologue": [*slurm.prologue, "export DASK_DISTRIBUTED__WORKER__DAEMON=False"],
+        "scheduler_options": {"dashboard_address": None},
+    }
+    for key, value in (
+        ("queue", slurm.queue),
+        ("account", slurm.account),
+        ("interface", slurm.interface),
+        ("log_directory", slurm.log_directory),
+    ):
+        if value:
+            options[key] = value
+    return options
+
+
+def make_slurm_cluster(enc: EncodeConfig):  # noqa: ANN201 - dask_jobqueue.SLURMCluster, an optional dependency
+    """A ``SLURMCluster`` from ``encode.slurm`` (its scheduler runs in this process); nothing is submitted yet."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as exc:
+        raise ImportError(
+            "--slurm needs dask-jobqueue: pip install -e '.[slurm]' (or pip install dask-jobqueue)"
+        ) from exc
+    return SLURMCluster(**slurm_cluster_options(enc))
+
+
+@contextlib.contextmanager
+def slurm_cluster(enc: EncodeConfig, jobs: int) -> Iterator[str]:
+    """Submit ``jobs`` SLURM jobs, wait for the first worker (``encode.slurm.wait_minutes``), yield the address.
+
+    The jobs are cancelled when the block ends (the scheduler lives in this process: keep it running).
+    """
+    from distributed import Client
+
+    if jobs < 1:
+        raise ValueError(f"--slurm must be >= 1 job, got {jobs}")
+    with make_slurm_cluster(enc) as cluster:
+        cluster.scale(jobs=jobs)
+        wait = enc.slurm.wait_minutes * 60 or None
+        print(
+            f"encode: submitted {jobs} SLURM job(s); waiting for the first worker at {cluster.scheduler_address}"
+        )
+        with Client(cluster, set_as_default=False) as client:
+            try:
+                client.wait_for_workers(1, timeout=wait)
+            except TimeoutError as exc:
+                raise TimeoutError(
+                    f"no SLURM job started within encode.slurm.wait_minutes={enc.slurm.wait_minutes}; "
+                    "see squeue and the jobs' logs (encode.slurm.log_directory)"
+                ) from exc
+        yield cluster.scheduler_address

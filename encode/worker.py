@@ -104,6 +104,8 @@ class ShardStats:
     """Time holding the teacher (on CUDA: until its kernels are queued, not finished)."""
     write: dict[str, Any] = field(default_factory=dict)
     """``BankWriter.write_shard``'s stats (bytes, ...)."""
+    worker: str = ""
+    """``host:pid`` of the process that ran the task (``encode.distributed`` fills it in): which worker did what."""
 
 
 # ------------------------------------------------------------------------------------------------------------
