@@ -20,6 +20,14 @@ GPUS    ?= 1
 TASK    ?=
 CKPT    ?=
 ARGS    ?=
+# Multi-node distill / finetune (docs/distill.md): run the same make command on every node with its NODE_RANK;
+# MASTER is HOST:PORT of node 0, where torchrun's c10d rendezvous listens.
+NNODES    ?= 1
+NODE_RANK ?= 0
+MASTER    ?= 127.0.0.1:29500
+TORCHRUN_ARGS = $(if $(filter 1,$(NNODES)),--standalone --nproc_per_node=$(GPUS),--nnodes=$(NNODES) \
+  --node-rank=$(NODE_RANK) --nproc-per-node=$(GPUS) --rdzv-backend=c10d --rdzv-endpoint=$(MASTER) \
+  --rdzv-id=$(or $(EXP),dreamteacher))
 
 opt = $(if $(2),$(1)=$(2))
 
@@ -60,20 +68,20 @@ encode: $(STAMP)
 	  $(call opt,encode.t,$(T)) $(call opt,encode.mode,$(MODE)) $(call opt,encode.bank,$(BANK)) $(ARGS)
 
 distill: $(STAMP)
-ifeq ($(GPUS),1)
+ifeq ($(GPUS)$(NNODES),11)
 	$(DT) distill --config $(CONFIG) $(call opt,distill.bank,$(BANK)) \
 	  $(call opt,distill.student.name,$(STUDENT)) $(call opt,distill.exp,$(EXP)) $(ARGS)
 else
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m dreamteacher distill --config $(CONFIG) \
+	$(VENV)/bin/torchrun $(TORCHRUN_ARGS) -m dreamteacher distill --config $(CONFIG) \
 	  $(call opt,distill.bank,$(BANK)) $(call opt,distill.student.name,$(STUDENT)) $(call opt,distill.exp,$(EXP)) $(ARGS)
 endif
 
 finetune: $(STAMP)
-ifeq ($(GPUS),1)
+ifeq ($(GPUS)$(NNODES),11)
 	$(DT) finetune --config $(CONFIG) $(call opt,finetune.task,$(TASK)) $(call opt,finetune.ckpt,$(CKPT)) \
 	  $(call opt,finetune.exp,$(EXP)) $(ARGS)
 else
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m dreamteacher finetune --config $(CONFIG) \
+	$(VENV)/bin/torchrun $(TORCHRUN_ARGS) -m dreamteacher finetune --config $(CONFIG) \
 	  $(call opt,finetune.task,$(TASK)) $(call opt,finetune.ckpt,$(CKPT)) $(call opt,finetune.exp,$(EXP)) $(ARGS)
 endif
 
