@@ -26,8 +26,9 @@ class SlurmConfig:
     """``#SBATCH --cpus-per-task``: task threads + decoding processes of the worker."""
     memory: str = "64GB"
     """``#SBATCH --mem`` and the worker's memory limit."""
-    walltime: str = "24:00:00"
-    """``#SBATCH -t``; a job that runs out costs only its in-flight shards (a re-run finishes them)."""
+    walltime: str | int = "24:00:00"
+    """``#SBATCH -t``; a job that runs out costs only its in-flight shards (a re-run finishes them). An integer is
+    seconds: YAML reads an unquoted ``12:00:00`` as 43200 (base 60), which means the same."""
     python: str = ""
     """The Python the job runs the worker with; empty = the driver's own (a shared-filesystem venv)."""
     prologue: list[str] = field(default_factory=list)

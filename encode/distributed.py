@@ -201,7 +201,7 @@ def slurm_cluster_options(enc: EncodeConfig) -> dict:
         "processes": 1,
         "job_cpu": slurm.cpus,
         "memory": slurm.memory,
-        "walltime": slurm.walltime,
+        "walltime": _walltime(slurm.walltime),
         "job_name": "dreamteacher-encode",
         "python": slurm.python or sys.executable,
         "job_extra_directives": [*directives, *slurm.directives],
@@ -218,6 +218,14 @@ def slurm_cluster_options(enc: EncodeConfig) -> dict:
         if value:
             options[key] = value
     return options
+
+
+def _walltime(value: str | int) -> str:
+    """SLURM's ``H:MM:SS`` from the config (an int is seconds: YAML's reading of an unquoted ``12:00:00``)."""
+    if isinstance(value, str):
+        return value
+    hours, rest = divmod(int(value), 3600)
+    return f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def make_slurm_cluster(enc: EncodeConfig):  # noqa: ANN201 - dask_jobqueue.SLURMCluster, an optional dependency
