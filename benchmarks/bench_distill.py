@@ -6,7 +6,7 @@
 (2) Fraction of step time spent waiting on data with the default loader settings (``distill.num_workers`` etc.).
 
 Bank mode runs the real ``run_distill`` (loader, decode, step, metrics); its figures come from metrics.jsonl.
-Online mode drives the same ``Trainer`` with the teacher encoder as its target function (what ``--online`` does,
+Online mode drives the same ``Trainer`` with the teacher encoder as its target function (what ``distill.targets=replay`` does,
 without needing a 2.2 GB random checkpoint on disk). Usage: ``make bench-distill [ARGS="--batch 2 ..."]``.
 """
 

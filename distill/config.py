@@ -77,8 +77,10 @@ class DistillConfig:
     num_workers: int = 4
     draw: Literal["random", "first"] = "random"
     """Which of an image's K stored draws an epoch uses."""
-    online: bool = False
-    """Compute targets with the teacher during training (from the bank's stored input pixels)."""
+    targets: Literal["bank", "online", "replay"] = "bank"
+    """Where the teacher targets come from (``distill/targets.py``): ``bank`` the stored rows; ``online`` the
+    paper's procedure, the bank's teacher encoding the stored pixels with fresh noise on every visit; ``replay``
+    the teacher re-computing the stored draws (a speed measurement: same targets as the bank)."""
     flip: Literal["random", "none"] = "random"
     """Which flip view an epoch uses per image when the bank stores both (the paper's h-flip augmentation)."""
     compile: bool = False

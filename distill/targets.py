@@ -1,11 +1,21 @@
-"""Where a batch's teacher targets come from: the bank (dequantised on the device) or the teacher itself (online).
+"""Where a batch's teacher targets come from: ``distill.targets`` = bank | online | replay.
 
-Both return ``{level: (B, C, h, w) float32 on the device}`` for the same rows, so the training step cannot tell
-them apart; ``--online`` exists to measure what the cache costs (time here, quality downstream).
+* ``bank``: the stored rows, dequantised on the device after the host->device copy.
+* ``online``: the paper's procedure. The teacher encodes the row's stored input pixels with **fresh** noise on
+  every visit: the seed is a function of (global seed, image key, visit, flip), where a visit is
+  ``epoch * draws + draw``, so two runs see the same noise, a resumed run continues it exactly, and no visit repeats
+  a stored draw. The flipped view is the encoding of the mirrored pixels (the row's stored pixels are mirrored
+  already).
+* ``replay``: the teacher re-computes the bank's own targets from the stored seeds (equal to the bank's rows up to
+  its codec's error). It measures what the cache saves in time, nothing about quality: ``make bench-distill``.
+
+All return ``{level: (B, C, h, w) float32 on the device}`` for the same rows, so the training step cannot tell
+them apart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +32,9 @@ class BankTargets:
     def __init__(self, device: torch.device, levels: list[str]) -> None:
         self.device, self.levels = device, levels
 
+    def set_epoch(self, epoch: int) -> None:
+        """Stored rows do not depend on the visit."""
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         from bank import decode_targets
 
@@ -29,26 +42,42 @@ class BankTargets:
         return decode_targets(payload, self.device)
 
 
-class OnlineTargets:
-    """Recompute the bank's targets with its teacher from the stored input pixels and the same noise rule.
+def fresh_seed(global_seed: int, key: str, visit: int, flip: int) -> int:
+    """A 63-bit noise seed of one visit of one view, from sha256("fresh/seed/visit/flip/key").
+
+    The ``fresh/`` prefix keeps these seeds apart from the bank's stored draws (``teachers.encoding.row_seed``).
+    """
+    digest = hashlib.sha256(f"fresh/{int(global_seed)}/{int(visit)}/{int(flip)}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class TeacherTargets:
+    """Targets computed by the bank's teacher from the stored input pixels: fresh noise (``online``) or the
+    stored noise (``replay``).
 
     The read-out (mode, T, DDIM steps, taps, resolution) is the bank's recorded ``teachers.provenance.Provenance``,
     rebuilt by the same ``build_encoder`` encode uses; the teacher entry of the recorded name in this config gives
-    only the weights' location, and the weights must be the recorded ones (sha256). A row's noise comes from its
-    stored seed and flip (``teachers.encoding.make_noise``), so the targets equal the stored ones up to the bank
-    codec's error.
+    only the weights' location, and the weights must be the recorded ones (sha256).
     """
 
     def __init__(
-        self, bank_attrs: dict[str, Any], teachers: dict[str, Any], levels: list[str], device: torch.device
+        self,
+        bank: Any,
+        teachers: dict[str, Any],
+        levels: list[str],
+        device: torch.device,
+        *,
+        fresh: bool,
+        seed: int = 0,
     ) -> None:
         from teachers.provenance import Provenance, build_encoder
 
-        provenance = Provenance.from_dict(bank_attrs)
+        provenance = Provenance.from_dict(bank.spec.attributes)
         name = provenance.teacher_name
+        source = "online" if fresh else "replay"
         if name not in teachers:
             raise ValueError(
-                f"--online: the bank was encoded by teacher {name!r}, which is not in the config's "
+                f"distill.targets={source}: the bank was encoded by teacher {name!r}, which is not in the config's "
                 f"teachers ({', '.join(sorted(teachers))}); add it with its path / checkpoint"
             )
         teacher_cfg = provenance.teacher_config_at(teachers[name])
@@ -58,18 +87,35 @@ class OnlineTargets:
         self.teacher = self.encoder.teacher
         provenance.check_weights(self.teacher.identity())
         self.device, self.levels, self.mode = device, levels, provenance.encoding.mode
+        self.fresh, self.seed, self.draws = fresh, seed, bank.spec.draws
+        self._keys = bank.keys(slice(None)) if fresh else []
+        self.epoch = 0
+        """Set by the training loop at every epoch start (``set_epoch``)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def noise_seeds(self, batch: dict[str, Any]) -> tuple[list[int], list[bool]]:
+        """Per row: the noise seed and whether ``make_noise`` mirrors it."""
+        flips = [bool(f) for f in batch["flip"]]
+        if not self.fresh:  # the stored draw: same seed and mirror rule as encode
+            return [int(s) for s in batch["seed"]], flips
+        seeds = [
+            fresh_seed(self.seed, self._keys[int(row)], self.epoch * self.draws + int(draw), int(flip))
+            for row, draw, flip in zip(batch["row"], batch["draw"], batch["flip"], strict=True)
+        ]
+        return seeds, [False] * len(seeds)  # a fresh draw per view: nothing to mirror
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         from teachers.encoding import make_noise
 
         # 1. the stored preprocessed pixels (flipped rows already flipped) -> [-1, 1]
         x0_BCHW = batch["image"].to(self.device, non_blocking=True).float() / 127.5 - 1.0
-        # 2. the row's noise: same seed and mirror rule as encode
+        # 2. the row's noise: fresh per visit (online) or the stored draw (replay)
         eps_BCHW = None
         if self.mode == "noise":
-            seeds = [int(s) for s in batch["seed"]]
-            flips = [bool(f) for f in batch["flip"]]
-            eps_BCHW = make_noise(seeds, flips, x0_BCHW.shape[1:]).to(self.device)
+            seeds, mirrored = self.noise_seeds(batch)
+            eps_BCHW = make_noise(seeds, mirrored, x0_BCHW.shape[1:]).to(self.device)
         # 3. one teacher read-out; clone leaves inference mode so autograd may use the targets
         feats = self.encoder(x0_BCHW, eps_BCHW)
         return {name: feats[name].float().clone() for name in self.levels}

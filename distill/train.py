@@ -25,7 +25,7 @@ from distill.export import export_artifacts
 from distill.inputs import DistillInputs
 from distill.model import DistillNet
 from distill.student import STUDENT_STRIDES, build_student
-from distill.targets import BankTargets, LabelLogits, OnlineTargets
+from distill.targets import BankTargets, LabelLogits, TeacherTargets
 from distill.trainer import StepSettings, Trainer
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.metrics import MetricsLog, MetricsWindow
@@ -162,7 +162,7 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
     if resume and runtime.distributed and not runtime.is_main:
         record_bank(exp_dir, bank, resume=True)  # every rank refuses a different bank, not only rank 0
 
-    # 2. data: this rank's share of every epoch; online mode reads only the pixels
+    # 2. data: this rank's share of every epoch; teacher targets (online / replay) read only pixels + noise info
     if dcfg.batch_size % runtime.world_size:
         raise ValueError(
             f"distill.batch_size={dcfg.batch_size} is not divisible by {runtime.world_size} ranks"
@@ -177,7 +177,7 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         draw=dcfg.draw,
         flip=dcfg.flip,
         pin_memory=runtime.device.type == "cuda",
-        levels=[] if dcfg.online else levels,
+        levels=levels if dcfg.targets == "bank" else [],
     )
     if len(sampler) == 0:
         raise ValueError(
@@ -185,9 +185,11 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
             f"batch size ({dcfg.batch_size // runtime.world_size}); lower distill.batch_size"
         )
     targets = (
-        OnlineTargets(bank.spec.attributes, inputs.teachers, levels, runtime.device)
-        if dcfg.online
-        else BankTargets(runtime.device, levels)
+        BankTargets(runtime.device, levels)
+        if dcfg.targets == "bank"
+        else TeacherTargets(
+            bank, inputs.teachers, levels, runtime.device, fresh=dcfg.targets == "online", seed=dcfg.seed
+        )
     )
     label_logits = LabelLogits(dcfg.loss.label_logits, bank.num_rows) if dcfg.loss.label_logits else None
 
@@ -291,6 +293,7 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         wait_s += time.perf_counter() - fetch_start
         if label_logits is not None:
             batch["label_logits"] = label_logits(batch["row"])
+        targets.set_epoch(epoch)  # fresh online noise is a function of the visit
         values = trainer.train_step(batch)
         batches_done += 1
         if audit is not None:

@@ -21,6 +21,7 @@ from distill.train import run_distill as _run_distill
 from dreamteacher.commands.distill import distill as distill_cli
 from dreamteacher.resolve import resolve
 from dreamteacher.schema import load_pipeline
+from teachers.config import TeacherConfig
 from training.checkpoint import load_checkpoint
 from training.metrics import read_metrics
 
@@ -338,10 +339,10 @@ def write_teacher_bank(path: Path, teacher_cfg) -> Path:  # noqa: ANN001 - Teach
     return path
 
 
-def test_online_targets_equal_the_bank(tmp_path: Path) -> None:
+def test_replayed_targets_equal_the_bank(tmp_path: Path) -> None:
     from bank import Bank, BankTrainSet, decode_targets
     from configlib import from_mapping
-    from distill.targets import OnlineTargets
+    from distill.targets import TeacherTargets
     from teachers.config import TeacherConfig
 
     flags = json.loads((ADM_TINY / "flags.json").read_text())
@@ -355,10 +356,10 @@ def test_online_targets_equal_the_bank(tmp_path: Path) -> None:
     assert levels == ["s32", "s16", "s8", "s4"]
     batch = BankTrainSet(path).__getitems__([1, 2, 5])  # rows with and without flips
     stored = decode_targets(batch["targets"], "cpu")
-    online = OnlineTargets(bank.spec.attributes, {"tiny": teacher_cfg}, levels, torch.device("cpu"))(batch)
+    replay = TeacherTargets(bank, {"tiny": teacher_cfg}, levels, torch.device("cpu"), fresh=False)(batch)
     for name in levels:
         torch.testing.assert_close(
-            online[name], stored[name], rtol=2e-3, atol=2e-3 * stored[name].abs().max()
+            replay[name], stored[name], rtol=2e-3, atol=2e-3 * stored[name].abs().max()
         )
     # a wrong teacher is refused, naming the checkpoint mismatch
     wrong = from_mapping(
@@ -366,8 +367,8 @@ def test_online_targets_equal_the_bank(tmp_path: Path) -> None:
         {"kind": "adm", "checkpoint": str(REPO / "tests/data/adm-tiny-heads/model.pt"), "flags": flags},
     )
     with pytest.raises((ValueError, RuntimeError)):
-        OnlineTargets(bank.spec.attributes, {"tiny": wrong}, levels, torch.device("cpu"))
-    # and a training run in online mode reads only pixels from the bank
+        TeacherTargets(bank, {"tiny": wrong}, levels, torch.device("cpu"), fresh=False)
+    # and a training run with teacher targets reads only pixels from the bank
     cfg = load_pipeline(
         REPO / "pipeline.yaml",
         [
@@ -378,7 +379,7 @@ def test_online_targets_equal_the_bank(tmp_path: Path) -> None:
             "distill.num_workers=0",
             "distill.regressor.channels=8",
             "distill.max_steps=2",
-            "distill.online=true",
+            "distill.targets=replay",
             "teachers.tiny.kind=adm",
             f"teachers.tiny.checkpoint={ADM_TINY / 'model.pt'}",
         ],
@@ -386,6 +387,71 @@ def test_online_targets_equal_the_bank(tmp_path: Path) -> None:
     cfg.teachers["tiny"].flags = flags
     exp = run_distill(cfg, progress=False)
     assert len(read_metrics(exp / "metrics.jsonl")) >= 1
+
+
+def _adm_tiny_teacher() -> TeacherConfig:
+    from configlib import from_mapping
+
+    flags = json.loads((ADM_TINY / "flags.json").read_text())
+    return from_mapping(
+        TeacherConfig,
+        {"kind": "adm", "checkpoint": str(ADM_TINY / "model.pt"), "flags": flags, "dtype": "fp32"},
+    )
+
+
+def test_fresh_online_targets_draw_new_noise_per_visit_reproducibly(tmp_path: Path) -> None:
+    from bank import Bank, BankTrainSet, decode_targets
+    from distill.targets import TeacherTargets, fresh_seed
+    from teachers.encoding import make_noise
+
+    teacher_cfg = _adm_tiny_teacher()
+    path = write_teacher_bank(tmp_path / "adm.zarr", teacher_cfg)
+    bank = Bank.open(path)
+    levels = [lv.name for lv in bank.levels]
+    batch = BankTrainSet(path).__getitems__([0, 1])  # image 0, draw 0: unflipped and flipped view
+    online = TeacherTargets(bank, {"tiny": teacher_cfg}, levels, torch.device("cpu"), fresh=True, seed=3)
+    again = TeacherTargets(bank, {"tiny": teacher_cfg}, levels, torch.device("cpu"), fresh=True, seed=3)
+    first, repeat = online(batch), again(batch)
+    online.set_epoch(1)
+    second = online(batch)
+    stored = decode_targets(batch["targets"], "cpu")
+    for name in levels:
+        assert torch.equal(first[name], repeat[name])  # two runs see the same noise
+        assert not torch.allclose(first[name], second[name], atol=1e-3)  # a new visit, a new draw
+        assert not torch.allclose(first[name], stored[name], atol=1e-3)  # and not the stored draw
+    # by hand: the flipped view is the teacher's encoding of the mirrored pixels with the visit's own seed
+    pixels = batch["image"].float() / 127.5 - 1.0
+    assert torch.equal(pixels[1], pixels[0].flip(-1))
+    seed = fresh_seed(3, "k0", visit=1 * bank.spec.draws + 0, flip=1)
+    by_hand = online.encoder(pixels[0:1].flip(-1), make_noise([seed], [False], (3, 64, 64)))
+    for name in levels:
+        torch.testing.assert_close(second[name][1:2], by_hand[name], rtol=1e-3, atol=1e-4)  # batch of 2 vs 1
+
+
+def test_fresh_online_run_resumes_exactly(tmp_path: Path) -> None:
+    teacher_cfg = _adm_tiny_teacher()
+    path = write_teacher_bank(tmp_path / "adm.zarr", teacher_cfg)
+
+    def cfg(exp: str, *extra: str) -> object:
+        c = load_pipeline(
+            REPO / "pipeline.yaml",
+            [f"distill.bank={path}", f"distill.out={tmp_path}", f"distill.exp={exp}", "distill.targets=online",
+             "distill.student.name=resnet10t", "distill.batch_size=2", "distill.num_workers=0",
+             "distill.regressor.channels=8", "distill.max_steps=4", "distill.log_every=1",
+             "teachers.tiny.kind=adm", f"teachers.tiny.checkpoint={ADM_TINY / 'model.pt'}", *extra],
+        )  # fmt: skip
+        c.teachers["tiny"] = teacher_cfg
+        return c
+
+    # 2 images per epoch at batch 2: one step per epoch, so every step is a new visit
+    full = run_distill(cfg("full"), progress=False)
+    run_distill(cfg("split", "distill.stop_at_step=2", "distill.checkpoint_every=1"), progress=False)
+    split = run_distill(cfg("split"), resume=True, progress=False)
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    losses = [[r["loss"] for r in read_metrics(exp / "metrics.jsonl")] for exp in (full, split)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
 
 
 def test_non_finite_loss_names_step_and_terms() -> None:

@@ -1,6 +1,6 @@
 """``dreamteacher distill``: train (the default) or ``plot`` an experiment's loss curves.
 
-``dreamteacher distill [--resume] [--online] KEY=VAL...`` trains; ``dreamteacher distill train ...`` is the same;
+``dreamteacher distill [--resume] KEY=VAL...`` (e.g. ``distill.targets=online``) trains; ``dreamteacher distill train ...`` is the same;
 ``dreamteacher distill plot EXP_DIR`` draws ``losses.png``. Under DDP launch it with torchrun
 (``torchrun --nproc_per_node=8 -m dreamteacher distill ...``).
 """
@@ -21,19 +21,14 @@ def distill() -> None:
 
 @distill.command("train")
 @click.option("--resume", is_flag=True, help="Continue <distill.out>/<distill.exp> from its checkpoint.")
-@click.option(
-    "--online", is_flag=True, help="Compute the targets with the teacher instead of reading the bank."
-)
 @click.option("--no-progress", is_flag=True, help="No tqdm bar (logs and metrics.jsonl only).")
 @config_options
-def train(cfg, resume: bool, online: bool, no_progress: bool) -> None:  # noqa: ANN001 - PipelineConfig
+def train(cfg, resume: bool, no_progress: bool) -> None:  # noqa: ANN001 - PipelineConfig
     """Train one experiment: `dreamteacher distill distill.student.name=resnet18 distill.exp=r18`."""
     from distill.train import run_distill
     from dreamteacher.resolve import resolve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if online:
-        cfg.distill.online = True
     exp_dir = run_distill(resolve(cfg, "distill"), resume=resume, progress=not no_progress)
     click.echo(f"experiment: {exp_dir}")
 
