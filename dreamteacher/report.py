@@ -219,8 +219,13 @@ def feature_figure(path: Path, inputs: ReportInputs) -> tuple[Path, dict[str, fl
     images_n3HW = bank.read_rows(rows, [])["image"]
     student = build_student(inputs.student, str(inputs.distill_dir / "backbone.safetensors"))
     channels = {lv.name: lv.channels for lv in levels}
-    net = DistillNet(student, channels, channels=inputs.regressor_channels, pool_scales=inputs.pool_scales)
     head = load_file(str(inputs.distill_dir / "regressor.safetensors"))
+    # a label-distilled run's regressor also builds the stride-4 output its label head reads
+    num_classes = int(head["label_head.weight"].shape[0]) if "label_head.weight" in head else 0
+    net = DistillNet(
+        student, channels, channels=inputs.regressor_channels, pool_scales=inputs.pool_scales,
+        num_classes=num_classes,
+    )  # fmt: skip
     net.regressor.load_state_dict(
         {k.removeprefix("regressor."): v for k, v in head.items() if k.startswith("regressor.")}
     )
