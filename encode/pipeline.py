@@ -24,6 +24,7 @@ from encode.inputs import EncodeInputs
 from encode.worker import EncodeSettings, ShardTask, build_encoder, get_encoder
 from sources.images import ImageRecord, keys_sha256, list_images
 from teachers.provenance import DatasetRecord, Provenance
+from teachers.registry import synthesizes
 
 
 @dataclass
@@ -88,6 +89,12 @@ class EncodePlan:
 
 def plan_encode(inputs: EncodeInputs, *, use_dask: bool = True) -> EncodePlan:
     """Steps 1-3: list images, dry-run the teacher (taps), build the bank spec. No bank I/O."""
+    if synthesizes(inputs.teacher):  # a GAN teacher: the bank is synthesized (encode/synthesize.py)
+        from encode.synthesize import plan_synthesis
+
+        settings = EncodeSettings(encode=inputs.encode, teacher=inputs.teacher)
+        readout = build_encoder(settings, torch.device("cpu")) if use_dask else get_encoder(settings)[0]
+        return EncodePlan(settings=settings, **plan_synthesis(inputs, readout))
     enc, dataset = inputs.encode, inputs.dataset
     # 1. Images and their keys (deterministic order).
     records = list_images(enc.data, dataset)

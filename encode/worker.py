@@ -28,7 +28,8 @@ from sources.images import DecodePool, ImageRecord, to_model_range
 from teachers.config import TeacherConfig
 from teachers.encoding import TeacherEncoder, make_noise, row_seed
 from teachers.provenance import Encoding
-from teachers.provenance import build_encoder as build_teacher_encoder
+from teachers.provenance import build_readout as build_teacher_encoder  # a GANSynthesizer for gan kinds
+from teachers.registry import synthesizes
 from training.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,11 @@ def _loader_workers(requested: int) -> int:
 
 def encode_shard(task: ShardTask) -> ShardStats:
     """Encode every row of ``task.shard`` and write the shard whole (marked done last by the writer)."""
+    if synthesizes(task.settings.teacher):  # GAN teachers generate their rows (encode/synthesize.py)
+        from encode.synthesize import synthesize_shard
+
+        stats = ShardStats(shard=task.shard, images=len(task.records))
+        return synthesize_shard(task, get_writer=get_writer, get_readout=get_encoder, stats=stats)
     start = time.perf_counter()
     settings, spec = task.settings, task.spec
     stats = ShardStats(shard=task.shard, images=len(task.records))
@@ -230,7 +236,7 @@ def encode_shard(task: ShardTask) -> ShardStats:
         # 3c. Noise from per-row seeds on CPU (device-independent), mirrored for flipped rows.
         eps_VCHW = None
         if settings.encode.mode == "noise":
-            eps_VCHW = make_noise(seed[row_idx_V.numpy()].tolist(), flip_V.tolist(), (3, res, res))
+            eps_VCHW = make_noise(seed[row_idx_V.numpy()].tolist(), flip_V.tolist(), encoder.noise_shape)
         # 3d. One teacher read-out, serialised with the other task threads of this process.
         x0_VCHW = to_model_range(views_u8_VCHW.to(device, non_blocking=True))
         #     No synchronize: on CUDA the kernels are queued and this thread runs ahead to the next batch.

@@ -123,6 +123,23 @@ class Teacher(nn.Module, metaclass=abc.ABCMeta):
     def identity(self) -> dict[str, Any]:
         """Provenance recorded in the bank: kind, model id / path, config, weights sha256."""
 
+    def noise_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, H, W) of the space the diffusion runs in for ``resolution`` px images: the image itself for a
+        pixel-space UNet; a latent-diffusion teacher's VAE latent (its per-row noise is drawn in that shape)."""
+        return (3, resolution, resolution)
+
+    def to_diffusion_space(self, x0_BCHW: torch.Tensor) -> torch.Tensor:
+        """Clean images in [-1, 1] -> the clean sample ``predict_eps`` diffuses: the images themselves here; the
+        scaled VAE latent for latent diffusion."""
+        return x0_BCHW
+
+    def dry_run_inputs(self, resolution: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+        """Arguments of one :meth:`forward` for a ``resolution`` px image: the tap dry run (:func:`discover_taps`).
+        Diffusion teachers take a blank image at t = 0; a family whose forward takes something else (a GAN's
+        latent, a latent-diffusion UNet's VAE latent) overrides this."""
+        c, h, w = self.noise_shape(resolution)
+        return torch.zeros(1, c, h, w, device=device), torch.zeros(1, dtype=torch.long, device=device)
+
     def module_paths(self) -> list[str]:
         return [name for name, _ in self.tap_root.named_modules() if name]
 
@@ -302,12 +319,12 @@ def _dry_run_shapes(
     names = [f"tap{i}" for i in range(len(taps))]  # by position: the strides are what is being checked
     with FeatureTaps(teacher, taps, names=names) as captured:
         try:
-            functional_call(teacher, meta_state, _dry_run_inputs(resolution, "meta"))
+            functional_call(teacher, meta_state, teacher.dry_run_inputs(resolution, "meta"))
         except (NotImplementedError, RuntimeError):
             # An op without a meta kernel, or a value read (.item()) in the teacher's code: run one real image on
             # ``device`` instead. A genuine model error is not hidden: the real pass raises it again.
             captured.features.clear()
-            teacher.predict_eps(*_dry_run_inputs(resolution, device))
+            teacher(*teacher.dry_run_inputs(resolution, device))
     shapes = []
     for tap, name in zip(taps, names, strict=True):
         if name not in captured.features:
@@ -315,13 +332,6 @@ def _dry_run_shapes(
         _, c, h, w = captured.features[name].shape
         shapes.append((int(c), int(h), int(w)))
     return shapes
-
-
-def _dry_run_inputs(resolution: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One blank image (1, 3, R, R) at timestep 0."""
-    return torch.zeros(1, 3, resolution, resolution, device=device), torch.zeros(
-        1, dtype=torch.long, device=device
-    )
 
 
 @contextlib.contextmanager

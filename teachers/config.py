@@ -22,9 +22,11 @@ class TapConfig:
 class TeacherConfig:
     """A pretrained diffusion model used as the frozen teacher."""
 
-    kind: Literal["diffusers", "adm"]
+    kind: Literal["diffusers", "adm", "gan", "latent-diffusion"]
     path: str = ""
-    """diffusers: a local ``save_pretrained`` folder (model + scheduler config) or a hub id."""
+    """diffusers: a local ``save_pretrained`` folder (model + scheduler config) or a hub id. gan: the checkpoint
+    folder (``config.json`` + ``pytorch_model.bin``). latent-diffusion: a Stable Diffusion pipeline folder
+    (``unet/``, ``vae/``, ``scheduler/`` and ``text_encoder/`` + ``tokenizer/`` or ``empty_prompt.safetensors``)."""
     preset: str = ""
     """adm: named flag preset of a released guided-diffusion checkpoint (e.g. ``adm-256-uncond``)."""
     checkpoint: str = ""
@@ -34,9 +36,29 @@ class TeacherConfig:
     class_label: int | None = None
     """adm, class-conditional checkpoints (``class_cond``): the ImageNet class index given for every image.
     Required for those, an error for unconditional ones."""
+    truncation: float = 1.0
+    """gan: truncation of the latent (z ~ truncation * N(0, 1) cut at +-2) and of the batch-norm statistics; (0, 1]."""
+    classes: list[int] = field(default_factory=list)
+    """gan: the ImageNet classes synthesized, each row's drawn uniformly from this list; empty = all classes."""
+    num_images: int = 0
+    """gan: images synthesized into a bank by ``dreamteacher encode`` (one row each); must be >= 1 for a gan."""
+    vae_input_scale: int = 2
+    """latent-diffusion: the image is resized by this factor before the VAE (8x down), so the UNet's four decoder
+    levels land on strides 32, 16, 8, 4 of the student's image (with 1 they are 64, 32, 16, 8)."""
     taps: list[TapConfig] = field(default_factory=list)
     """Read-out points; empty = the model family's default (the paper's four decoder levels)."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Autocast dtype on CUDA. CPU always runs float32."""
     channels_last: bool = True
     """Use channels_last memory format on CUDA."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 < self.truncation <= 1.0:
+            problems.append(f"truncation must be in (0, 1], got {self.truncation}")
+        if self.num_images < 0:
+            problems.append(f"num_images must be >= 0, got {self.num_images}")
+        if self.vae_input_scale < 1:
+            problems.append(f"vae_input_scale must be >= 1, got {self.vae_input_scale}")
+        if problems:
+            raise ValueError("\n".join(problems))

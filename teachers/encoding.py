@@ -132,6 +132,8 @@ class TeacherEncoder:
         self.device = torch.device(device)
         self.dtype_name = dtype_name
         self.channels_last = channels_last and self.device.type == "cuda"
+        self.noise_shape: tuple[int, int, int] = teacher.noise_shape(resolution)
+        """(C, H, W) of a row's noise: the image's, or a latent teacher's latent (``Teacher.noise_shape``)."""
         self.taps_info: list[TapInfo] = discover_taps(teacher, self.taps, resolution, self.device)
         self._hooks = FeatureTaps(teacher, self.taps)
 
@@ -149,12 +151,15 @@ class TeacherEncoder:
         if self.channels_last:
             x0_BCHW = x0_BCHW.contiguous(memory_format=torch.channels_last)
         with autocast_for(self.device, self.dtype_name):
-            # 2. encode to x_T
+            # 2. encode to x_T (in latent space for a latent-diffusion teacher: x0 becomes its scaled VAE latent)
+            x0_BCHW = self.teacher.to_diffusion_space(x0_BCHW)
             if self.mode == "noise":
                 if eps_BCHW is None:
-                    raise ValueError("noise encoding needs eps (make_noise(row seeds, flips, shape))")
+                    raise ValueError("noise encoding needs eps (make_noise(row seeds, flips, noise_shape))")
                 if eps_BCHW.shape != x0_BCHW.shape:
-                    raise ValueError(f"eps has shape {tuple(eps_BCHW.shape)}, images {tuple(x0_BCHW.shape)}")
+                    raise ValueError(
+                        f"eps has shape {tuple(eps_BCHW.shape)}, the teacher diffuses {tuple(x0_BCHW.shape)}"
+                    )
                 xt_BCHW = q_sample(x0_BCHW, self.t, eps_BCHW, self.teacher.alphas_cumprod)
             else:
                 xt_BCHW = ddim_invert(

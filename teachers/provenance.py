@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from teachers.base import TapInfo
     from teachers.encoding import TeacherEncoder
+    from teachers.synthesis import GANSynthesizer
 
 PREPROCESSING = (
     "guided-diffusion center_crop_arr: box-halve while the shorter side >= 2x resolution, bicubic resize of the "
@@ -48,7 +49,8 @@ def without_locations(data: Any) -> Any:
 class Encoding:
     """How clean images become the teacher's input: the read-out settings shared by encode and online targets."""
 
-    mode: Literal["noise", "ddim"]
+    mode: Literal["noise", "ddim", "synthesize"]
+    """``synthesize``: a GAN bank, rows generated from seeds (``SynthesisRecord``); t and ddim_steps are 0."""
     t: int
     ddim_steps: int
     """DDIM inversion steps (``mode="ddim"``); recorded as 0 for ``noise``."""
@@ -68,6 +70,16 @@ class DatasetRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SynthesisRecord:
+    """What a synthesized (GAN) bank's rows are drawn from: row r = (z, class) from seed (encoding.seed, r)."""
+
+    num_images: int
+    truncation: float
+    classes: list[int]
+    """The classes drawn from, uniformly; every class of the generator when the config's list was empty."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Provenance:
     """Teacher identity and config, encoding, taps, preprocessing and dataset of one bank."""
 
@@ -82,6 +94,8 @@ class Provenance:
     dataset: DatasetRecord | None = None
     preprocessing: str = PREPROCESSING
     seed_rule: str = SEED_RULE
+    synthesis: SynthesisRecord | None = None
+    """Set for synthesized banks only (written as a ``synthesis`` key), so encoded banks' dicts are unchanged."""
 
     @classmethod
     def of(
@@ -123,6 +137,8 @@ class Provenance:
         }
         if self.dataset is not None:
             data["dataset"] = to_dict(self.dataset)
+        if self.synthesis is not None:
+            data["synthesis"] = to_dict(self.synthesis)
         return data
 
     @classmethod
@@ -146,6 +162,7 @@ class Provenance:
                 dataset=DatasetRecord(**dataset) if dataset and "keys_sha256" in dataset else None,
                 preprocessing=prep.get("method", PREPROCESSING),
                 seed_rule=encoding.get("seed_rule", SEED_RULE),
+                synthesis=SynthesisRecord(**data["synthesis"]) if data.get("synthesis") else None,
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(
@@ -192,8 +209,13 @@ def build_encoder(
     0 means the teacher's native size. ``name`` is the ``teachers:`` entry, for error messages.
     """
     from teachers.encoding import TeacherEncoder
-    from teachers.registry import build_teacher, resolve_taps
+    from teachers.registry import build_teacher, resolve_taps, synthesizes
 
+    if synthesizes(teacher_cfg) or encoding.mode == "synthesize":
+        raise ValueError(
+            f"teacher {name or '<name>'!r} is a GAN (kind {teacher_cfg.kind}): its bank was synthesized and its "
+            "targets cannot be recomputed from the images; distill from the bank's stored targets"
+        )
     teacher = build_teacher(teacher_cfg, device, name=name)
     return TeacherEncoder(
         teacher,
@@ -205,4 +227,27 @@ def build_encoder(
         device=device,
         dtype_name=teacher_cfg.dtype,
         channels_last=teacher_cfg.channels_last,
+    )
+
+
+def build_readout(
+    teacher_cfg: TeacherConfig, encoding: Encoding, device: torch.device, *, name: str = ""
+) -> TeacherEncoder | GANSynthesizer:
+    """The encode stage's read-out for this teacher: a :class:`TeacherEncoder` (encodes images) or, for a kind
+    that synthesizes (``teachers.registry.synthesizes``), a :class:`teachers.synthesis.GANSynthesizer` seeded by
+    ``encoding.seed``. The encode loop picks its source from which one it gets, never from the kind."""
+    from teachers.registry import build_teacher, resolve_taps, synthesizes
+
+    if not synthesizes(teacher_cfg):
+        return build_encoder(teacher_cfg, encoding, device, name=name)
+    from teachers.synthesis import GANSynthesizer
+
+    teacher = build_teacher(teacher_cfg, device, name=name)
+    return GANSynthesizer(
+        teacher,  # type: ignore[arg-type]
+        resolve_taps(teacher, teacher_cfg),
+        classes=teacher_cfg.classes,
+        seed=encoding.seed,
+        device=device,
+        dtype_name=teacher_cfg.dtype,
     )

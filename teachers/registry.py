@@ -64,12 +64,48 @@ def _load_adm(cfg: TeacherConfig, entry: str) -> Teacher:
     )
 
 
+def _load_gan(cfg: TeacherConfig, entry: str) -> Teacher:
+    from teachers.gan import load_gan
+
+    key = f"{entry}.path"
+    if not cfg.path:
+        raise ValueError(
+            f"{key} is empty: set it to a BigGAN checkpoint folder (config.json + pytorch_model.bin, e.g. "
+            "biggan-deep-128 from pytorch-pretrained-biggan)"
+        )
+    if cfg.num_images < 1:
+        raise ValueError(f"{entry}.num_images is {cfg.num_images}: set how many images to synthesize (>= 1)")
+    return load_gan(require_resolved(cfg.path, key), truncation=cfg.truncation, key=key)
+
+
+def _load_latent_diffusion(cfg: TeacherConfig, entry: str) -> Teacher:
+    from teachers.latent_diffusion import LatentDiffusionTeacher
+
+    key = f"{entry}.path"
+    if not cfg.path:
+        raise ValueError(f"{key} is empty: set it to a Stable Diffusion save_pretrained folder (e.g. SD 1.5)")
+    return LatentDiffusionTeacher.from_pretrained(
+        require_resolved(cfg.path, key), vae_input_scale=cfg.vae_input_scale, key=key
+    )
+
+
 TEACHER_KINDS: dict[str, Callable[[TeacherConfig, str], Teacher]] = {
     "diffusers": _load_diffusers,
     "adm": _load_adm,
+    "gan": _load_gan,
+    "latent-diffusion": _load_latent_diffusion,
 }
 """kind -> loader ``(config, entry key "teachers.<name>") -> teacher`` on CPU in float32. A new family adds one
 entry (docs/teachers.md); the entry key is for its error messages."""
+
+
+SYNTHESIZING_KINDS = frozenset({"gan"})
+"""Kinds whose banks are synthesized (rows drawn from a seed) instead of encoded from a dataset's images."""
+
+
+def synthesizes(cfg: TeacherConfig) -> bool:
+    """Whether ``dreamteacher encode`` with this teacher synthesizes its bank (no image source)."""
+    return cfg.kind in SYNTHESIZING_KINDS
 
 
 def build_teacher(cfg: TeacherConfig, device: torch.device | str, *, name: str = "") -> Teacher:

@@ -103,8 +103,16 @@ def test_v_prediction_is_converted_to_epsilon() -> None:
 
 
 def test_registry_errors_name_the_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match="valid kinds: diffusers, adm"):
-        build_teacher(TeacherConfig(kind="gan"), "cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="valid kinds: diffusers, adm, gan, latent-diffusion"):
+        build_teacher(TeacherConfig(kind="stylegan"), "cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"teachers\.big\.path is empty: set it to a BigGAN checkpoint folder"):
+        build_teacher(TeacherConfig(kind="gan", num_images=4), "cpu", name="big")
+    with pytest.raises(ValueError, match=r"teachers\.big\.num_images is 0"):
+        build_teacher(TeacherConfig(kind="gan", path=str(tmp_path)), "cpu", name="big")
+    with pytest.raises(ValueError, match=r"teachers\.big\.path is a pickle .* execute code"):
+        build_teacher(TeacherConfig(kind="gan", path="/m/stylegan2-ffhq.pkl", num_images=4), "cpu", name="big")
+    with pytest.raises(ValueError, match=r"truncation must be in \(0, 1\]"):
+        TeacherConfig(kind="gan", truncation=0.0)
     with pytest.raises(ValueError, match=r"teachers\.<name>\.path is empty"):
         build_teacher(TeacherConfig(kind="diffusers"), "cpu")
     with pytest.raises(FileNotFoundError, match="neither a pipeline folder"):
