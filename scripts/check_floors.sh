@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Check the declared dependency floors: install the minimum version of every install_requires entry of setup.cfg
 # (each `name>=X` installed as `name==X`; what those need is resolved by pip as usual) into a scratch venv, then run
-# the tests that exercise those libraries (bank io, config, images, CLI errors, a tiny encode).
+# the tests that exercise those libraries (bank io and codecs, config, images, CLI errors, a tiny encode with dask,
+# teachers, student and fine-tuning backbones).
 #
 #   scripts/check_floors.sh            # or: make test-floors
 #
@@ -12,14 +13,25 @@
 #                 torchvision 0.19); any other value is passed to pip instead of them, e.g.
 #                 FLOORS_TORCH="torch==2.14.1 torchvision==0.29.1" where the torch floor cannot be downloaded.
 #   FLOORS_TESTS  pytest arguments (default: the test files below)
+#   FLOORS_REV    a git revision (e.g. HEAD) to check instead of the working tree: its setup.cfg and its tests,
+#                 exported into a temporary folder (uncommitted edits do not count)
 # Slow (a few GB of wheels on the first run, cached by pip afterwards), so it is not part of `make test`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -n "${FLOORS_REV:-}" ]]; then
+  SRC=$(mktemp -d "${TMPDIR:-/tmp}/dreamteacher-floors-src.XXXXXX")
+  trap 'rm -rf "$SRC"' EXIT
+  git -C "$ROOT" archive "$FLOORS_REV" | tar -x -C "$SRC"
+  echo "checking $FLOORS_REV ($(git -C "$ROOT" rev-parse --short "$FLOORS_REV")) in $SRC"
+  ROOT=$SRC
+fi
 PYTHON=${PYTHON:-python3.11}
 VENV=${FLOORS_VENV:-${TMPDIR:-/tmp}/dreamteacher-floors}
 FLOORS_TORCH=${FLOORS_TORCH:-floor}
-FLOORS_TESTS=${FLOORS_TESTS:-tests/test_bank_io.py tests/test_config.py tests/test_images.py tests/test_cli.py tests/test_encode.py}
+FLOORS_TESTS=${FLOORS_TESTS:-tests/test_bank_io.py tests/test_bank_codecs.py tests/test_bank_reader.py tests/test_config.py \
+  tests/test_images.py tests/test_cli.py tests/test_encode.py tests/test_teachers.py tests/test_distill_models.py \
+  tests/test_finetune_models.py}
 
 # install_requires + the dev extra, `>=` turned into `==`; a requirement without a floor is an error (unchecked).
 mapfile -t PINS < <("$PYTHON" - "$ROOT/setup.cfg" "$FLOORS_TORCH" <<'PY'
