@@ -41,6 +41,8 @@ class Codec(abc.ABC):
     """Names of the stored parts; decoding needs only these (``decode_targets`` identifies the codec by them)."""
     lossless_parts: ClassVar[tuple[str, ...]] = ()
     """Parts that round-trip exactly (tested bit for bit)."""
+    exact_zero_channels: bool = True
+    """An all-zero channel decodes to exactly zero (per-channel codecs; not one that shares a range across channels)."""
 
     @abc.abstractmethod
     def parts(self, level: LevelSpec) -> dict[str, Part]:
@@ -186,15 +188,138 @@ class BitRoundCodec(Codec):
         return {"name": self.name, "keepbits": self.keepbits}
 
 
-CODECS: dict[str, type[Codec]] = {"fp16": Fp16Codec, "int8": Int8Codec, "bitround": BitRoundCodec}
+def _fp16_round_up(value: torch.Tensor) -> torch.Tensor:
+    """``value`` (float32, >= the smallest normal) rounded UP to a float16: never below it, at most 1 ulp above."""
+    rounded = value.to(torch.float16)
+    return torch.where(rounded.float() < value, (value * (1.0 + 2.0**-10)).to(torch.float16), rounded)
 
 
-def make_codec(name: str, *, bitround_keepbits: int = 7) -> Codec:
+class Int4Codec(Codec):
+    """Affine 4-bit quantisation per (row, channel group), two values per byte: ``x ~= q * scale + offset``.
+
+    Channels are grouped in runs of ``group`` (the last group may be shorter); each group of each row has a float16
+    ``scale`` and ``offset`` (the group's mid-range, rounded; the scale covering the range around the rounded offset,
+    rounded up), so every element is within ``scale / 2``. ``q`` in [-7, 7] is stored as the nibble ``q + 8`` (1..15),
+    low nibble = even column; the stored ``q`` has shape (C, H, ceil(W / 2)). Code 0 is never produced, so an odd
+    width's padding column (all code 0) is recognised and dropped at decode without storing the width.
+    """
+
+    name = "int4"
+    part_names = ("q4", "scale4", "offset4")
+
+    def __init__(self, group: int = 8) -> None:
+        if group < 1:
+            raise BankError(f"int4 group size {group}; must be >= 1 channel")
+        self.group = group
+        self.exact_zero_channels = group == 1
+
+    def _groups(self, channels: int) -> int:
+        return -(-channels // self.group)
+
+    def parts(self, level: LevelSpec) -> dict[str, Part]:
+        c, h, w = level.shape
+        groups = self._groups(c)
+        return {
+            "q4": Part("uint8", (c, h, (w + 1) // 2)),
+            "scale4": Part("float16", (groups,)),
+            "offset4": Part("float16", (groups,)),
+        }
+
+    def _expand(self, per_group_SG: torch.Tensor, channels: int) -> torch.Tensor:
+        """(S, G) -> (S, C, 1, 1): each channel gets its group's value."""
+        return per_group_SG.repeat_interleave(self.group, dim=1)[:, :channels, None, None]
+
+    def encode(self, feats_SCHW: torch.Tensor) -> dict[str, torch.Tensor]:
+        _check_fp16_range(feats_SCHW, self.name)
+        x = feats_SCHW.detach().float()
+        s, c, h, w = x.shape
+        # 1. range per (row, group): pad channels with copies of the last one (min / max unchanged)
+        pad = self._groups(c) * self.group - c
+        padded = torch.cat([x, x[:, -1:].expand(s, pad, h, w)], dim=1) if pad else x
+        grouped = padded.reshape(s, -1, self.group * h * w)
+        lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
+        # 2. offset in float16, then the scale covering [lo, hi] around the ROUNDED offset, rounded up
+        offset16 = ((lo + hi) * 0.5).to(torch.float16)
+        half_range = torch.maximum(hi - offset16.float(), offset16.float() - lo)
+        scale16 = _fp16_round_up((half_range / 7.0).clamp_min(_FP16_MIN_NORMAL))
+        # 3. quantise to [-7, 7], store as nibbles 1..15, two per byte along W
+        q = torch.round((x - self._expand(offset16.float(), c)) / self._expand(scale16.float(), c))
+        codes = (q.clamp_(-7, 7) + 8).to(torch.uint8)
+        if w % 2:
+            codes = torch.cat([codes, torch.zeros_like(codes[..., :1])], dim=-1)  # code 0 marks the padding
+        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        return {"q4": packed, "scale4": scale16, "offset4": offset16}
+
+    def decode(self, payload: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        packed = payload["q4"]
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)  # (S, C, H, 2 * W/2)
+        if codes.shape[-1] and bool((codes[..., -1] == 0).all()):
+            codes = codes[..., :-1]  # an odd width's padding column
+        c = codes.shape[1]
+        q = codes.float() - 8.0
+        scale = self._expand(payload["scale4"].float(), c)
+        offset = self._expand(payload["offset4"].float(), c)
+        return (q * scale + offset).to(dtype)
+
+    def error_bound(self, feats_SCHW: torch.Tensor, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        scale = self._expand(payload["scale4"].float().to(feats_SCHW.device), feats_SCHW.shape[1])
+        return scale * 0.5 * (1 + 2.0**-20) + feats_SCHW.abs() * 2.0**-22
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "group": self.group}
+
+
+class Fp8Codec(Codec):
+    """``float8_e4m3fn`` values with a float16 scale per (row, channel): ``x ~= fp8(x / scale) * scale``.
+
+    The scale maps the channel's largest magnitude to at most 448 (e4m3's largest finite value) and is rounded up,
+    so nothing saturates. e4m3 keeps 3 mantissa bits: relative error <= 2^-4 for normal values, and an absolute
+    ``scale * 2^-10`` in the subnormal range. The bytes are stored as uint8 (numpy has no float8 dtype).
+    """
+
+    name = "fp8"
+    part_names = ("e4m3", "scale8")
+    E4M3_MAX = 448.0
+
+    def parts(self, level: LevelSpec) -> dict[str, Part]:
+        return {"e4m3": Part("uint8", level.shape), "scale8": Part("float16", (level.channels,))}
+
+    def encode(self, feats_SCHW: torch.Tensor) -> dict[str, torch.Tensor]:
+        _check_fp16_range(feats_SCHW, self.name)
+        x = feats_SCHW.detach().float()
+        peak = x.abs().amax(dim=(2, 3))  # (S, C)
+        scale16 = _fp16_round_up((peak / self.E4M3_MAX).clamp_min(_FP16_MIN_NORMAL))
+        scaled = (x / scale16.float()[:, :, None, None]).clamp_(-self.E4M3_MAX, self.E4M3_MAX)
+        return {"e4m3": scaled.to(torch.float8_e4m3fn).view(torch.uint8), "scale8": scale16}
+
+    def decode(self, payload: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        values = payload["e4m3"].view(torch.float8_e4m3fn).float()
+        return (values * payload["scale8"].float()[:, :, None, None]).to(dtype)
+
+    def error_bound(self, feats_SCHW: torch.Tensor, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        scale = payload["scale8"].float()[:, :, None, None].to(feats_SCHW.device)
+        # half an ulp: 2^-4 relative (3 mantissa bits) for normals, 2^-10 * scale absolute for subnormals,
+        # plus float32 rounding of the division and the product
+        return (feats_SCHW.abs() * 2.0**-4 + scale * 2.0**-10) * (1 + 2.0**-20) + feats_SCHW.abs() * 2.0**-22
+
+
+CODECS: dict[str, type[Codec]] = {
+    "fp16": Fp16Codec,
+    "int8": Int8Codec,
+    "bitround": BitRoundCodec,
+    "int4": Int4Codec,
+    "fp8": Fp8Codec,
+}
+
+
+def make_codec(name: str, *, bitround_keepbits: int = 7, int4_group: int = 8) -> Codec:
     """Codec by registry name; unknown name -> ``ValueError`` listing the valid choices."""
     if name not in CODECS:
         raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(CODECS)}")
     if name == "bitround":
         return BitRoundCodec(bitround_keepbits)
+    if name == "int4":
+        return Int4Codec(int4_group)
     return CODECS[name]()
 
 
