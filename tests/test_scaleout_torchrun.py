@@ -27,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 WEIGHTS_ENV = "DREAMTEACHER_TEST_WEIGHTS_DIR"
+COPY_ENV = "DREAMTEACHER_TEST_COPY_STEP2"
 
 
 def free_port() -> int:
@@ -152,6 +153,72 @@ def test_two_node_distill_covers_each_epoch_agrees_and_resumes(bank: Path, tmp_p
     assert (out / "resumed" / "backbone.safetensors").is_file()
 
 
+SEG = [
+    "finetune.backbone=resnet18",
+    "finetune.batch_size=4",
+    "finetune.num_workers=0",
+    "finetune.log_every=1",
+    "finetune.device=cpu",
+    "finetune.segmentation.iters=4",
+    "finetune.checkpoint_every=2",
+    "finetune.segmentation.aug.crop_size=32",
+    "finetune.segmentation.aug.scale=[64,48]",
+    "finetune.segmentation.head.channels=16",
+    "finetune.segmentation.head.aux_channels=8",
+    "finetune.segmentation.optim.warmup_iters=1",
+    "finetune.segmentation.optim.lr=0.001",
+    "finetune.vis_samples=2",
+    # per-rank BatchNorm: finetune's default `sync` converts to SyncBatchNorm, which DDP refuses on CPU
+    # ("SyncBatchNorm layers only work with GPU modules"); distill converts only on CUDA
+    "finetune.segmentation.norm=batch",
+]
+
+
+@pytest.mark.slow  # two pairs of fresh Python processes importing torch + timm
+def test_two_node_finetune_covers_each_epoch_agrees_and_resumes(tmp_path: Path) -> None:
+    from finetune_data import write_ade20k
+
+    root = write_ade20k(tmp_path / "ade", n_train=8, n_val=2)
+
+    def args(exp: str) -> list[str]:
+        return [
+            "finetune", "--config", str(REPO / "pipeline.yaml"), f"datasets.tiny.root={root}",
+            "datasets.tiny.layout=ade20k", "finetune.data=tiny", f"finetune.exp={exp}",
+            f"finetune.out={tmp_path / 'runs'}", *SEG,
+        ]  # fmt: skip
+
+    # 1. 4 steps on two nodes (global batch 4, 8 images: 2 epochs of 2 steps); rank 0 keeps a copy of its step-2
+    #    checkpoint as run "b" (a run that died after step 2), which then resumes on two nodes
+    os.environ[COPY_ENV] = str(tmp_path / "runs" / "b" / "checkpoint.pt")
+    try:
+        run_two_nodes(args("a"), tmp_path, "ft-a")
+    finally:
+        del os.environ[COPY_ENV]
+    run_two_nodes([*args("b"), "--resume"], tmp_path, "ft-b")
+
+    # every epoch gives each training image to exactly one rank
+    steps = [
+        [
+            [int(i) for i in line.split()]
+            for line in (tmp_path / "weights-ft-a" / f"batches{k}.txt").read_text().splitlines()
+        ]
+        for k in range(2)
+    ]
+    assert [len(s) for s in steps] == [4, 4]
+    for epoch in range(2):
+        seen = [[i for step in s[2 * epoch : 2 * epoch + 2] for i in step] for s in steps]
+        assert sorted(seen[0] + seen[1]) == list(range(8)), epoch
+    # the ranks hold the same parameters, the checkpoint holds them, and the resumed run ends on them
+    a, b = rank_weights(tmp_path, "ft-a"), rank_weights(tmp_path, "ft-b")
+    model = torch.load(tmp_path / "runs" / "a" / "checkpoint.pt", weights_only=True)["model"]
+    assert len(a[0]) > 10
+    for key, value in a[0].items():
+        assert torch.equal(a[1][key], value), key
+        assert torch.equal(model[key], value), key
+        assert torch.equal(b[0][key], value) and torch.equal(b[1][key], value), key
+    assert (tmp_path / "runs" / "b" / "results.json").is_file()
+
+
 def _launch() -> None:
     """torchrun's entry: the ``dreamteacher`` CLI, recording each rank's live parameters before the group ends.
 
@@ -177,15 +244,45 @@ def _launch() -> None:
 
     runtime_module.Runtime.wrap = recording_wrap
     distill.train.teardown_runtime = saving_teardown
-    with contextlib.suppress(ImportError):
-        import finetune.run
-
-        if hasattr(finetune.run, "teardown_runtime"):
-            finetune.run.teardown_runtime = saving_teardown
+    if sys.argv[1:2] == ["finetune"]:
+        _instrument_finetune(saving_teardown)
 
     from dreamteacher.cli import main
 
     main(sys.argv[1:], prog_name="dreamteacher")
+
+
+def _instrument_finetune(saving_teardown) -> None:  # noqa: ANN001 - the teardown wrapper above
+    """finetune: record each rank's batches (its sampler) and keep rank 0's step-2 checkpoint where COPY_ENV says."""
+    import shutil
+
+    import finetune.engine
+    import finetune.run
+    import finetune.segmentation
+    from training.sampler import StepBatchSampler
+
+    folder = Path(os.environ[WEIGHTS_ENV])
+
+    class RecordingSampler(StepBatchSampler):
+        def __iter__(self):  # noqa: ANN204 - the sampler's own iterator
+            folder.mkdir(parents=True, exist_ok=True)
+            with (folder / f"batches{self.rank}.txt").open("a") as out:
+                for batch in super().__iter__():
+                    out.write(" ".join(str(b[0] if isinstance(b, tuple) else b) for b in batch) + "\n")
+                    out.flush()
+                    yield batch
+
+    save = finetune.engine.save_checkpoint
+
+    def save_and_copy(path, state) -> None:  # noqa: ANN001 - the engine's arguments
+        save(path, state)
+        if state["step"] == 2 and os.environ.get(COPY_ENV):
+            Path(os.environ[COPY_ENV]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, os.environ[COPY_ENV])
+
+    finetune.segmentation.StepBatchSampler = RecordingSampler
+    finetune.engine.save_checkpoint = save_and_copy
+    finetune.run.teardown_runtime = saving_teardown
 
 
 if __name__ == "__main__":
