@@ -25,7 +25,15 @@ import pytest
 
 from dreamteacher.schema import load_pipeline
 
-pytest.importorskip("dask_jobqueue", reason="dask-jobqueue is an optional extra: pip install -e '.[slurm]'")
+try:
+    import dask_jobqueue  # noqa: F401
+except ImportError:
+    HAVE_JOBQUEUE = False
+else:
+    HAVE_JOBQUEUE = True
+needs_jobqueue = pytest.mark.skipif(
+    not HAVE_JOBQUEUE, reason="dask-jobqueue is an optional extra: pip install -e '.[slurm]'"
+)
 
 from test_scaleout_dask import NUM_IMAGES, array_files, assets, marked, overrides, reference  # noqa: E402, F401
 
@@ -42,6 +50,7 @@ def directives(script: str) -> list[str]:
     ]
 
 
+@needs_jobqueue
 def test_job_script_asks_for_the_configured_job() -> None:
     from encode.distributed import make_slurm_cluster
 
@@ -80,6 +89,7 @@ def test_job_script_asks_for_the_configured_job() -> None:
     assert "--nthreads 2" in worker and "--resources GPU=1" in worker and "--nanny" in worker
 
 
+@needs_jobqueue
 def test_cpu_jobs_ask_for_no_gpu() -> None:
     from encode.distributed import make_slurm_cluster
 
@@ -105,6 +115,7 @@ for id in "$@"; do kill -TERM -- "-$id" 2>/dev/null || true; done
 """
 
 
+@needs_jobqueue
 @pytest.mark.slow
 def test_slurm_jobs_encode_the_in_process_bytes(assets: Path, reference: Path, tmp_path: Path) -> None:  # noqa: F811
     bin_dir, marker = tmp_path / "bin", uuid.uuid4().hex
@@ -141,3 +152,23 @@ def test_slurm_jobs_encode_the_in_process_bytes(assets: Path, reference: Path, t
             proc.kill()
     assert left == [], f"processes left behind: {left}"
     assert array_files(bank) == array_files(reference)
+
+
+def test_cli_slurm_flag_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dreamteacher.cli import main
+
+    runner = CliRunner()
+    base = ["encode", "--config", str(REPO / "pipeline.yaml"), f"encode.bank={tmp_path / 'b.zarr'}"]
+    result = runner.invoke(main, [*base, "--slurm", "2", "--no-dask"])
+    assert result.exit_code == 2 and "--no-dask, --scheduler and --slurm exclude each other" in result.output
+    result = runner.invoke(main, [*base, "--slurm", "0"])
+    assert result.exit_code == 2 and "--slurm" in result.output
+    # without the optional extra: one line naming the install command, before anything is encoded
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)
+    monkeypatch.chdir(REPO)
+    result = runner.invoke(main, [*base, "--slurm", "2"])
+    assert result.exit_code == 1, result.output
+    assert "--slurm needs dask-jobqueue: pip install -e '.[slurm]'" in result.output
+    assert not (tmp_path / "b.zarr").exists()
