@@ -19,6 +19,7 @@ class BankConfig:
     level_codecs: dict[str, CodecName] = field(default_factory=dict)
     """Per-level overrides, keyed by level name (e.g. ``s4: fp16``)."""
     compressor: Literal["none", "blosc-lz4", "zstd"] = "none"
-    """Lossless compressor on top of the codec (storage.md: 1.00-1.18x on activations, so off by default)."""
+    """Lossless compressor on top of the codec (it gains little on float activations: docs/benchmarks.md,
+    Codecs per level; so off by default)."""
     bitround_keepbits: int = 7
     """Mantissa bits kept by the ``bitround`` codec."""

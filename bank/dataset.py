@@ -12,6 +12,7 @@ Build the loader with :func:`make_loader`, or by hand::
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,19 @@ import torch
 import torch.utils.data
 
 from bank.codecs import CODECS, Codec
-from bank.reader import Bank
+from bank.reader import Bank, BankFormatWarning
 from bank.sampler import EpochSampler
 
 
 class BankTrainSet(torch.utils.data.Dataset):
     """Rows of a bank as torch tensors. The bank is opened lazily in each process (safe under fork)."""
 
-    def __init__(self, path: str | Path, levels: list[str] | None = None) -> None:
-        self.path, self.levels = Path(path), levels
-        bank = Bank.open(self.path)  # validate now, in the parent, not mid-epoch in a worker
+    def __init__(
+        self, path: str | Path, levels: list[str] | None = None, *, verify_chunks: bool = True
+    ) -> None:
+        """``verify_chunks``: check each chunk's crc32c as it is read (format v2; see ``Bank.open``)."""
+        self.path, self.levels, self.verify_chunks = Path(path), levels, verify_chunks
+        bank = Bank.open(self.path, verify_chunks=verify_chunks)  # validate now, in the parent, not mid-epoch
         if levels is not None:
             bank.array_defs(levels)
         self.spec, self.fingerprint = bank.spec, bank.fingerprint
@@ -39,7 +43,10 @@ class BankTrainSet(torch.utils.data.Dataset):
     @property
     def bank(self) -> Bank:
         if self._bank is None or self._pid != os.getpid():
-            self._bank, self._pid = Bank.open(self.path), os.getpid()
+            with warnings.catch_warnings():  # a v1 bank's notice was given by the parent's open
+                warnings.simplefilter("ignore", BankFormatWarning)
+                self._bank = Bank.open(self.path, verify_chunks=self.verify_chunks)
+            self._pid = os.getpid()
         return self._bank
 
     def __getstate__(self) -> dict[str, Any]:  # spawn / forkserver workers: reopen on the other side
@@ -112,9 +119,10 @@ def make_loader(
     flip: str = "random",
     pin_memory: bool = True,
     levels: list[str] | None = None,
+    verify_chunks: bool = True,
 ) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
     """The training loader of one rank and its sampler (call ``sampler.set_epoch(e)`` each epoch)."""
-    dataset = BankTrainSet(path, levels)
+    dataset = BankTrainSet(path, levels, verify_chunks=verify_chunks)
     sampler = EpochSampler(
         dataset.bank, batch_size, rank=rank, world_size=world_size, seed=seed, draw=draw, flip=flip
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,21 +14,58 @@ import numpy as np
 import zarr
 
 from bank.codecs import make_codec
-from bank.layout import ArrayDef, ShardFileCache, array_defs, check_arrays
-from bank.spec import BankError, BankSpec, LevelSpec, done_marker_name
-from bank.writer import SUMMARY_FILE, decode_keys, read_bank_attrs
+from bank.layout import (
+    SUMMARY_FILE,
+    ArrayDef,
+    ShardFileCache,
+    array_defs,
+    check_arrays,
+    decode_keys,
+    has_chunk_checksums,
+    read_bank_attrs,
+    read_marker,
+    read_row_chunk,
+    repair_hint,
+    side_dir_for,
+)
+from bank.spec import ROW_ARRAYS, BankError, BankSpec, LevelSpec
 
 _ALIGN = 64  # bytes: every array of a batch buffer starts cache-line aligned (any dtype's alignment)
 _FREE_REFS = (
     2  # sys.getrefcount of a pooled buffer only the pool's list holds: the list + the call's argument
 )
+NO_CHUNK_CHECKSUMS = (
+    "bank format v1: its feature and pixel chunks carry no per-chunk checksum, so a flipped byte in them is "
+    "found only by `dreamteacher bank verify` (per-row arrays and file sizes are checked at open); re-encode "
+    "to get format v2"
+)
+
+
+class BankFormatWarning(UserWarning):
+    """A bank that opens but lacks a safety feature of the current format (e.g. a v1 bank's chunk checksums)."""
 
 
 class Bank:
-    """A bank opened for reading. Open with :meth:`open`; every check happens there, not mid-epoch."""
+    """A bank opened for reading. Open with :meth:`open`; every check that is cheap happens there, and each
+    feature or pixel chunk's crc32c is checked as it is read (format v2)."""
 
-    def __init__(self, path: Path, attrs: dict[str, Any], spec: BankSpec, markers: dict[int, dict[str, Any]]):
+    def __init__(
+        self,
+        path: Path,
+        attrs: dict[str, Any],
+        spec: BankSpec,
+        markers: dict[int, dict[str, Any]],
+        row_meta: dict[str, np.ndarray],
+        *,
+        verify_chunks: bool = True,
+    ):
         self.path, self.attrs, self.spec = path, attrs, spec
+        self.format_version: int = attrs["format_version"]
+        self.bank_id: str | None = attrs.get("bank_id")
+        self.side = side_dir_for(path, self.format_version)
+        self.chunk_checksums = has_chunk_checksums(self.format_version)
+        """Whether the bank's chunks carry a crc32c (format v2); checked on every read when ``verify_chunks``."""
+        self.verify_chunks = verify_chunks and self.chunk_checksums
         self.levels: list[LevelSpec] = spec.levels
         self.fingerprint: str = attrs["fingerprint"]
         self.markers = markers
@@ -38,41 +76,55 @@ class Bank:
             lv.name: make_codec(lv.codec, bitround_keepbits=spec.bitround_keepbits) for lv in self.levels
         }
         self._defs = array_defs(spec)
-        group = zarr.open_group(path, mode="r")
-        # small per-row metadata, read whole once (not the hot path)
-        self.row_meta = {name: group[name][:] for name in ("source_index", "draw", "flip", "seed", "ok")}
-        self._group = group
-        self._files = ShardFileCache(path, spec)
+        self.row_meta = row_meta
+        """Small per-row metadata (source_index, draw, flip, seed, ok), read whole and checked at open; rows
+        of shards not written are zero (ok=False)."""
+        self._group: zarr.Group | None = None
+        self._files = ShardFileCache(path, spec, checksum=self.chunk_checksums, verify=verify_chunks)
         self._buffers = BufferPool()
         self._layouts: dict[tuple[str, ...] | None, tuple[list[ArrayDef], list[int], int]] = {}
 
     @classmethod
-    def open(cls, path: str | Path, *, require_complete: bool = True) -> Bank:
-        """Open and validate: format version, fingerprint, arrays, done markers, shard file sizes."""
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        require_complete: bool = True,
+        verify_chunks: bool = True,
+        check_rows: bool = True,
+    ) -> Bank:
+        """Open and validate: format version, fingerprint, arrays, done markers, shard file sizes, and every
+        per-row array's file against its marker's crc32 (``check_rows``; ``bank verify`` turns it off to report
+        bad shards instead of failing). ``verify_chunks``: check each feature / pixel chunk's crc32c as it is
+        read (format v2; a v1 bank has none and warns :class:`BankFormatWarning`)."""
         path = Path(path)
         # 1. attributes: version and fingerprint
         attrs = read_bank_attrs(path)
-        spec = BankSpec.from_dict(attrs["spec"])
+        try:
+            spec = BankSpec.from_dict(attrs["spec"])
+        except TypeError as exc:
+            raise BankError(
+                f"{path / 'zarr.json'}: the recorded bank spec is invalid ({exc}); re-encode"
+            ) from exc
         if spec.fingerprint() != attrs["fingerprint"]:
             raise BankError(
                 f"{path}: the recorded fingerprint does not match the recorded spec (the attributes were edited); "
                 "re-encode the bank"
             )
+        version = attrs["format_version"]
+        if not has_chunk_checksums(version):
+            warnings.warn(f"{path}: {NO_CHUNK_CHECKSUMS}", BankFormatWarning, stacklevel=2)
+        side = side_dir_for(path, version)
         # 2. arrays: names, shapes, dtypes, shard layout
-        check_arrays(zarr.open_group(path, mode="r"), spec)
+        check_arrays(path, spec, version)
         # 3. done markers and the files they vouch for
         markers: dict[int, dict[str, Any]] = {}
         missing_markers = []
         for shard in range(spec.num_shards):
-            marker = path / done_marker_name(shard)
-            if not marker.exists():
+            record = read_marker(side, shard, fingerprint=spec.fingerprint(), bank_id=attrs.get("bank_id"))
+            if record is None:
                 missing_markers.append(shard)
                 continue
-            record = json.loads(marker.read_text())
-            if record.get("fingerprint") != spec.fingerprint():
-                raise BankError(
-                    f"{marker} belongs to a different bank (fingerprint mismatch); delete it and re-encode"
-                )
             for rel, check in record["files"].items():
                 file = path / rel
                 size = file.stat().st_size if file.exists() else None
@@ -83,17 +135,23 @@ class Bank:
                         else f"truncated/changed ({size} bytes, marker says {check['nbytes']})"
                     )
                     raise BankError(
-                        f"{path}: shard {shard} file {rel} is {state}. Delete {marker.relative_to(path)} and re-run "
-                        "encode to rewrite the shard"
+                        f"{path}: shard {shard} file {rel} is {state}. {repair_hint(path, shard, version)}"
                     )
             markers[shard] = record
         if require_complete and missing_markers:
+            if not side.is_dir():
+                raise BankError(
+                    f"{path}: its side folder {side} (the done markers) is missing: copy or move it together "
+                    "with the bank, or re-run encode to rewrite every shard"
+                )
             raise BankError(
                 f"{path} is incomplete: {len(missing_markers)} of {spec.num_shards} shards not written "
                 f"(first: {missing_markers[:10]}). Re-run encode to finish it (it resumes), or open with "
                 "require_complete=False"
             )
-        return cls(path, attrs, spec, markers)
+        # 4. the per-row arrays, read straight from their files and checked (tiny next to the features)
+        row_meta = _read_row_meta(path, spec, markers, version, check=check_rows)
+        return cls(path, attrs, spec, markers, row_meta, verify_chunks=verify_chunks)
 
     # ---- properties ----------------------------------------------------------------------------------------
     @property
@@ -115,10 +173,18 @@ class Bank:
         return views
 
     def summary(self) -> dict[str, Any] | None:
-        file = self.path / SUMMARY_FILE
-        return json.loads(file.read_text()) if file.exists() else None
+        """``summary.json`` of the last finished encode (None before one, or when it is a deleted bank's)."""
+        file = self.side / SUMMARY_FILE
+        if not file.exists():
+            return None
+        data = json.loads(file.read_text())
+        if self.bank_id is not None and data.get("bank_id") != self.bank_id:
+            return None
+        return data
 
     def keys(self, rows: Sequence[int] | slice) -> list[str]:
+        if self._group is None:
+            self._group = zarr.open_group(self.path, mode="r")
         return decode_keys(np.asarray(self._group["key"][_as_index_array(rows, self.num_rows)]))
 
     def array_defs(self, levels: list[str] | None = None) -> list[ArrayDef]:
@@ -221,6 +287,33 @@ class BufferPool:
             if len(self._buffers) < self.capacity:
                 self._buffers.append(buffer)
             return buffer[:nbytes]
+
+
+def _read_row_meta(
+    path: Path, spec: BankSpec, markers: dict[int, dict[str, Any]], version: int, *, check: bool
+) -> dict[str, np.ndarray]:
+    """The per-row arrays of every written shard, each file checked against its marker's crc32 (and its chunk
+    crc32c in v2) when ``check``; rows of shards not written stay zero. ``key`` is checked, not kept."""
+    defs = {d.path: d for d in array_defs(spec) if not d.sharded}
+    out = {name: np.zeros(spec.num_rows, dtype=defs[name].dtype) for name in ROW_ARRAYS}
+    checksum = has_chunk_checksums(version)
+    for shard, record in markers.items():
+        span = spec.shard_range(shard)
+        for name, adef in defs.items():
+            if name == "key" and not check:
+                continue
+            rows = read_row_chunk(
+                path,
+                adef,
+                shard,
+                spec.shard_rows,
+                checksum=checksum,
+                marker=record if check else {},
+                verify=check,
+            )
+            if name in out:
+                out[name][span.start : span.stop] = rows[: len(span)]
+    return out
 
 
 def _as_index_array(rows: Sequence[int] | slice, num_rows: int) -> np.ndarray:

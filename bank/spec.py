@@ -11,10 +11,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
-"""Bumped on any change to the on-disk layout; readers refuse versions they do not know."""
+FORMAT_VERSION = 2
+"""Bumped on any change to the on-disk layout; readers refuse versions they do not know.
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
+1: the first layout (side files inside the group, no per-chunk checksum). 2: every chunk ends with its crc32c
+(zarr's ``crc32c`` codec) and the side files live in the sibling folder ``<bank>.side``."""
+
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 KEY_BYTES = 64
 """Image keys are stored as fixed-width UTF-8 in a ``uint8 (rows, KEY_BYTES)`` array, NUL padded.
@@ -183,4 +186,10 @@ def feature_array_name(level: str, part: str) -> str:
 
 
 def done_marker_name(shard: int) -> str:
+    """Done marker of ``shard``, relative to the bank's side folder (``bank.layout.side_dir``)."""
     return f"done/{shard:06d}.json"
+
+
+def claim_dir_name(shard: int) -> str:
+    """Folder of ``shard``'s claim files, relative to the bank's side folder."""
+    return f"claims/{shard:06d}"

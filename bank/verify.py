@@ -3,7 +3,6 @@ and the direct shard reader agreeing with zarr-python."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,9 +10,9 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from bank.layout import array_defs, file_checksum
+from bank.layout import array_defs, file_checksum, fsync_dir, read_row_chunk, repair_hint
 from bank.reader import Bank
-from bank.spec import done_marker_name
+from bank.spec import BankError, done_marker_name
 
 RANGE_SLACK = 1.01
 """Decoded magnitudes may exceed the float features' recorded maximum by the codec error only."""
@@ -23,7 +22,11 @@ RANGE_SLACK = 1.01
 class VerifyReport:
     problems: list[str] = field(default_factory=list)
     bad_rows: set[int] = field(default_factory=set)
+    bad_shards: set[int] = field(default_factory=set)
+    """Written shards found damaged (their markers are what ``--unmark`` withdraws)."""
     checked_shards: int = 0
+    notices: list[str] = field(default_factory=list)
+    """Not problems: e.g. that a v1 bank has no per-chunk checksums."""
 
     @property
     def ok(self) -> bool:
@@ -32,34 +35,65 @@ class VerifyReport:
 
 def verify_bank(path: str | Path, *, progress: bool = True) -> VerifyReport:
     """Check every shard; never raises for a bad shard, reports it (and its rows) instead."""
+    import warnings
+
+    from bank.reader import NO_CHUNK_CHECKSUMS, BankFormatWarning
+
     path = Path(path)
-    bank = Bank.open(path, require_complete=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BankFormatWarning)
+        bank = Bank.open(path, require_complete=False, check_rows=False)
     spec, report = bank.spec, VerifyReport()
+    if not bank.chunk_checksums:
+        report.notices.append(NO_CHUNK_CHECKSUMS)
     group = zarr.open_group(path, mode="r")
     defs = [d for d in array_defs(spec) if d.sharded]
+    row_defs = [d for d in array_defs(spec) if not d.sharded]
     for shard in tqdm(range(spec.num_shards), desc="verify", disable=not progress):
         span = spec.shard_range(shard)
-        marker = path / done_marker_name(shard)
-        if not marker.exists():
-            report.problems.append(f"shard {shard}: not written (no {marker.name})")
+        record = bank.markers.get(shard)
+        if record is None:
+            report.problems.append(
+                f"shard {shard}: not written (no {done_marker_name(shard)} in {bank.side})"
+            )
             report.bad_rows.update(span)
             continue
-        record = json.loads(marker.read_text())
+
+        def bad(message: str, rows=span, shard=shard) -> None:
+            report.problems.append(
+                f"shard {shard}: {message}. {repair_hint(path, shard, bank.format_version)}"
+            )
+            report.bad_rows.update(rows)
+            report.bad_shards.add(shard)
+
         # 1. checksums of every file of the shard
-        bad_files = [rel for rel, c in record["files"].items() if file_checksum(path / rel) != c]
+        bad_files = []
+        for rel, check in record["files"].items():
+            try:
+                if file_checksum(path / rel) != check:
+                    bad_files.append(rel)
+            except FileNotFoundError:
+                bad_files.append(rel)
         if bad_files:
-            report.problems.append(f"shard {shard}: checksum mismatch in {bad_files}")
-            report.bad_rows.update(span)
+            bad(f"checksum mismatch in {bad_files} (the files differ from what the writer wrote)")
             continue
-        # 2. the direct reader agrees with zarr-python on the whole shard
-        batch = bank.read_rows(span)
-        for d in defs:
-            direct = batch["image"] if d.path == "image" else batch["targets"][d.level][d.part]
-            if not np.array_equal(direct, group[d.path][span.start : span.stop]):
-                report.problems.append(f"shard {shard}: {d.path} differs between the direct reader and zarr")
-                report.bad_rows.update(span)
+        try:
+            # 2. each per-row chunk's and each inner chunk's own crc32c (v2), through both readers: the direct
+            #    reader agrees with zarr-python on the whole shard
+            for d in row_defs:
+                read_row_chunk(
+                    path, d, shard, spec.shard_rows, checksum=bank.chunk_checksums, marker=record, rows=span
+                )
+            batch = bank.read_rows(span)
+            for d in defs:
+                direct = batch["image"] if d.path == "image" else batch["targets"][d.level][d.part]
+                if not np.array_equal(direct, group[d.path][span.start : span.stop]):
+                    bad(f"{d.path} differs between the direct reader and zarr")
+            decoded = bank.decode_rows(span)
+        except (BankError, ValueError) as exc:
+            bad(f"unreadable: {exc}".split(" Repair:")[0].rstrip("."))
+            continue
         # 3. decoded features finite and within the recorded range on OK rows
-        decoded = bank.decode_rows(span)
         ok = batch["ok"]
         for level, values in decoded.items():
             flat = values.reshape(len(span), -1)
@@ -74,7 +108,24 @@ def verify_bank(path: str | Path, *, progress: bool = True) -> VerifyReport:
             ):
                 rows = np.asarray(span)[mask & ok if name != "NaN/Inf" else mask]
                 if rows.size:
-                    report.problems.append(f"shard {shard}: level {level} rows {rows.tolist()} {name}")
-                    report.bad_rows.update(rows.tolist())
+                    bad(f"level {level} rows {rows.tolist()} {name}", rows.tolist())
         report.checked_shards += 1
     return report
+
+
+def unmark_shards(path: str | Path, shards: set[int] | list[int]) -> list[Path]:
+    """Withdraw the done markers of ``shards`` (damaged ones, from :func:`verify_bank`), so that the next
+    ``dreamteacher encode`` with the bank's config rewrites exactly those shards. Returns the markers removed."""
+    from bank.layout import read_bank_attrs, side_dir_for
+
+    path = Path(path)
+    side = side_dir_for(path, read_bank_attrs(path)["format_version"])
+    removed = []
+    for shard in sorted(shards):
+        marker = side / done_marker_name(shard)
+        if marker.exists():
+            marker.unlink()
+            removed.append(marker)
+    if removed:
+        fsync_dir(side / "done")
+    return removed

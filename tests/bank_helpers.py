@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from bank.config import BankConfig
-from bank.spec import BankSpec
+from bank.spec import FORMAT_VERSION, BankSpec
 from bank.writer import BankWriter, ShardRows, spec_from_config
 
 LEVELS = [
@@ -63,10 +63,14 @@ def shard_rows(spec: BankSpec, shard: int, rejected_images: tuple[int, ...] = ()
     )
 
 
-def write_bank(path: Path, cfg: BankConfig | None = None, **spec_kw) -> BankSpec:
+def write_bank(
+    path: Path, cfg: BankConfig | None = None, *, format_version: int = FORMAT_VERSION, **spec_kw
+) -> BankSpec:
+    """A complete bank; ``format_version=1`` writes the old layout (no per-chunk checksums, side files in the
+    group), the fixture for "old banks still open"."""
     cfg = cfg or BankConfig(shard_rows=8, codec="int8", level_codecs={"s8": "fp16"})
     spec = make_spec(cfg, **spec_kw)
-    writer = BankWriter.create(path, spec, cfg)
+    writer = BankWriter.create(path, spec, cfg, format_version=format_version)
     for shard in writer.pending_shards():
         writer.write_shard(shard, shard_rows(spec, shard))
     writer.finalize({"seconds": 0.0})

@@ -12,7 +12,7 @@ import zarr
 
 from bank import Bank, BankError, BankSpec, BankWriter
 from bank.config import BankConfig
-from bank.layout import array_defs
+from bank.layout import array_defs, side_dir
 from bank.spec import done_marker_name
 from tests.bank_helpers import make_spec, shard_rows, write_bank
 
@@ -166,7 +166,7 @@ def test_writer_checks_rows(tmp_path):
     rows.flip = rows.flip[::-1].copy()
     with pytest.raises(BankError, match="row layout"):
         writer.write_shard(0, rows)
-    assert not os.path.exists(tmp_path / "b.zarr" / done_marker_name(0))
+    assert not os.path.exists(side_dir(tmp_path / "b.zarr") / done_marker_name(0))
 
 
 def test_all_zero_row_arrays_are_still_written(tmp_path):
@@ -178,14 +178,19 @@ def test_all_zero_row_arrays_are_still_written(tmp_path):
     assert bank.num_rows == spec.num_rows == 5 and bank.read_rows([4])["draw"].tolist() == [0]
 
 
+@pytest.mark.parametrize("format_version", [2, 1])
 @pytest.mark.parametrize("compressor", ["none", "blosc-lz4", "zstd"])
-def test_direct_shard_files_are_the_bytes_zarr_writes(tmp_path, compressor):
+def test_direct_shard_files_are_the_bytes_zarr_writes(tmp_path, compressor, format_version):
     # The writer writes shard files itself (bank.layout.write_shard_file / write_raw_chunk). Read that bank back
     # with zarr-python, write the same arrays through zarr-python into an empty bank of the same spec, and every
-    # data file must be byte-identical (the short last shard included).
+    # data file must be byte-identical (the short last shard included). Version 2 adds zarr's crc32c codec
+    # after every inner chunk (and every per-row chunk); version 1 (no per-chunk checksum) is still written
+    # for resuming old banks and as their test fixture.
     cfg = BankConfig(shard_rows=8, codec="int8", level_codecs={"s8": "fp16"}, compressor=compressor)
-    spec = write_bank(tmp_path / "direct.zarr", cfg)
-    BankWriter.create(tmp_path / "zarr.zarr", spec, cfg)
+    spec = write_bank(tmp_path / "direct.zarr", cfg, format_version=format_version)
+    BankWriter.create(tmp_path / "zarr.zarr", spec, cfg, format_version=format_version)
+    codecs = json.loads((tmp_path / "zarr.zarr/image/zarr.json").read_text())["codecs"][0]["configuration"]
+    assert (codecs["codecs"][-1]["name"] == "crc32c") == (format_version == 2)
     direct = zarr.open_group(tmp_path / "direct.zarr", mode="r")
     through_zarr = zarr.open_group(tmp_path / "zarr.zarr", mode="r+")
     for adef in array_defs(spec):
@@ -206,7 +211,7 @@ def test_marker_absmax_is_max_abs_over_ok_rows(tmp_path):
     rows.features["s4"][0, 0, 0, 0] = -1e4  # a negative extreme on an OK row
     rows.features["s8"][4, 0, 0, 0] = 1e4  # an extreme on a rejected row (image 1) must not count
     writer.write_shard(0, rows)
-    marker = json.loads((tmp_path / "b.zarr" / done_marker_name(0)).read_text())
+    marker = json.loads((side_dir(tmp_path / "b.zarr") / done_marker_name(0)).read_text())
     for level, feats in rows.features.items():
         ok = feats.numpy()[rows.ok]
         assert marker["absmax"][level] == float(np.abs(ok).max())

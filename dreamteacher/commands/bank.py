@@ -1,4 +1,7 @@
-"""``dreamteacher bank``: info, verify, show, export-wds. Each command calls one function of the package."""
+"""``dreamteacher bank``: info, verify, show, export-wds. Each command calls one function of the package.
+
+Expected failures (no bank at PATH, a damaged bank, a row out of range) raise :class:`bank.BankError` with one
+line naming the file and the fix; the top-level handler of ``dreamteacher`` prints it as ``Error: ...``."""
 
 from __future__ import annotations
 
@@ -14,18 +17,27 @@ def bank() -> None:
 
 
 @bank.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the bank's attributes as JSON.")
 def info(path: str, as_json: bool) -> None:
     """Provenance, levels, sizes, rows and rejects of the bank at PATH."""
-    from bank.reader import Bank
+    import warnings
 
-    b = Bank.open(path, require_complete=False)
+    from bank.reader import NO_CHUNK_CHECKSUMS, Bank, BankFormatWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BankFormatWarning)  # said below, in words
+        b = Bank.open(path, require_complete=False)
     if as_json:
         click.echo(json.dumps(b.attrs, indent=1, sort_keys=True))
         return
     spec = b.spec
     click.echo(f"bank        {path}  (format v{b.attrs['format_version']}, fingerprint {b.fingerprint[:16]})")
+    click.echo(f"side files  {b.side}")
+    if b.chunk_checksums:
+        click.echo("checksums   crc32c per chunk, checked on every read; per-row arrays checked at open")
+    else:
+        click.echo(f"checksums   NONE per chunk: {NO_CHUNK_CHECKSUMS}")
     click.echo(f"created     {b.attrs['created']}  libraries {b.attrs['library_versions']}")
     for key in sorted(spec.attributes):
         click.echo(f"{key:<11} {json.dumps(spec.attributes[key], sort_keys=True)}")
@@ -51,23 +63,38 @@ def info(path: str, as_json: bool) -> None:
 
 
 @bank.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
-def verify(path: str) -> None:
+@click.argument("path", type=click.Path())
+@click.option(
+    "--unmark",
+    is_flag=True,
+    help="Withdraw the done markers of the damaged shards, so that re-running encode rewrites them.",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def verify(path: str, unmark: bool, progress: bool) -> None:
     """Check every shard (present, checksums, finite and in-range values); exit 1 listing bad rows."""
-    from bank.verify import verify_bank
+    from bank.verify import unmark_shards, verify_bank
 
-    report = verify_bank(path)
+    report = verify_bank(path, progress=progress)
+    for notice in report.notices:
+        click.echo(f"note: {notice}", err=True)
     if report.ok:
         click.echo(f"OK: {report.checked_shards} shards verified")
         return
     for problem in report.problems:
         click.echo(problem, err=True)
     click.echo(f"bad rows ({len(report.bad_rows)}): {sorted(report.bad_rows)}", err=True)
+    if unmark and report.bad_shards:
+        removed = unmark_shards(path, report.bad_shards)
+        click.echo(
+            f"withdrew {len(removed)} done marker(s) (shards {sorted(report.bad_shards)}); re-run the same "
+            f"`dreamteacher encode` command (make encode BANK={path}) to rewrite them",
+            err=True,
+        )
     raise SystemExit(1)
 
 
 @bank.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=click.Path())
 @click.option("--row", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG path (default: row-N.png).")
 def show(path: str, row: int, out: str | None) -> None:
@@ -75,12 +102,17 @@ def show(path: str, row: int, out: str | None) -> None:
     from bank.show import render_row
 
     target = Path(out or f"row-{row}.png")
-    render_row(path, row, target)
+    shown = render_row(path, row, target)
+    if not shown["ok"]:
+        click.echo(
+            f"row {row} ({shown['key']}) is a REJECTED image: {shown['reason']}. Its pixels and features are "
+            "zeros, not an encoding; distill skips it"
+        )
     click.echo(f"wrote {target}")
 
 
 @bank.command("export-wds")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=click.Path())
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--rows-per-tar", type=int, default=1024, show_default=True)
 def export_wds_command(path: str, out: str, rows_per_tar: int) -> None:
