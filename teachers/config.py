@@ -18,6 +18,14 @@ class TapConfig:
     """Student stride this level is distilled into (image size / feature size)."""
 
 
+KIND_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
+    "gan": ("truncation", "classes", "num_images"),
+    "latent-diffusion": ("vae_input_scale",),
+}
+"""Fields that mean something for one kind only. Recorded provenance leaves them out for the other kinds, so the
+teacher config (and the fingerprint) of a bank encoded before they existed is unchanged."""
+
+
 @dataclass(kw_only=True)
 class TeacherConfig:
     """A pretrained diffusion model used as the frozen teacher."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from configlib import from_mapping, to_dict
-from teachers.config import TapConfig, TeacherConfig
+from teachers.config import KIND_ONLY_FIELDS, TapConfig, TeacherConfig
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +43,13 @@ def without_locations(data: Any) -> Any:
     if isinstance(data, list):
         return [without_locations(v) for v in data]
     return data
+
+
+def kind_fields_only(config: dict[str, Any]) -> dict[str, Any]:
+    """A teacher config dict without the fields of other kinds (``KIND_ONLY_FIELDS``): a diffusers or adm entry
+    records exactly the keys it always did."""
+    others = {f for kind, fields in KIND_ONLY_FIELDS.items() if kind != config.get("kind") for f in fields}
+    return {k: v for k, v in config.items() if k not in others}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +118,7 @@ class Provenance:
         return cls(
             teacher_name=teacher_name,
             teacher_identity=without_locations(to_dict(identity)),
-            teacher_config=without_locations(to_dict(teacher)),
+            teacher_config=without_locations(kind_fields_only(to_dict(teacher))),
             encoding=encoding,
             taps=[tap.as_dict() for tap in taps],
             dataset=dataset,

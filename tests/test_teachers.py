@@ -105,12 +105,16 @@ def test_v_prediction_is_converted_to_epsilon() -> None:
 def test_registry_errors_name_the_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="valid kinds: diffusers, adm, gan, latent-diffusion"):
         build_teacher(TeacherConfig(kind="stylegan"), "cpu")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"teachers\.big\.path is empty: set it to a BigGAN checkpoint folder"):
+    with pytest.raises(
+        ValueError, match=r"teachers\.big\.path is empty: set it to a BigGAN checkpoint folder"
+    ):
         build_teacher(TeacherConfig(kind="gan", num_images=4), "cpu", name="big")
     with pytest.raises(ValueError, match=r"teachers\.big\.num_images is 0"):
         build_teacher(TeacherConfig(kind="gan", path=str(tmp_path)), "cpu", name="big")
     with pytest.raises(ValueError, match=r"teachers\.big\.path is a pickle .* execute code"):
-        build_teacher(TeacherConfig(kind="gan", path="/m/stylegan2-ffhq.pkl", num_images=4), "cpu", name="big")
+        build_teacher(
+            TeacherConfig(kind="gan", path="/m/stylegan2-ffhq.pkl", num_images=4), "cpu", name="big"
+        )
     with pytest.raises(ValueError, match=r"truncation must be in \(0, 1\]"):
         TeacherConfig(kind="gan", truncation=0.0)
     with pytest.raises(ValueError, match=r"teachers\.<name>\.path is empty"):
@@ -277,3 +281,25 @@ def test_a_configured_stride_that_disagrees_with_the_measured_one_is_refused() -
     assert "stride: 8" in message and "taps" in message  # the fix: the measured value, or the default taps
     right = [TapConfig(module="up_blocks.0.upsamplers.0", point="input", stride=8)]
     assert discover_taps(teacher, right, 32)[0].name == "s8"
+
+
+def test_recorded_teacher_config_of_existing_kinds_is_unchanged() -> None:
+    """Bank fingerprints cover the recorded teacher config: a diffusers / adm entry must record exactly the keys it
+    did before the gan / latent-diffusion fields existed (so existing banks still resume), and a gan entry its own."""
+    from configlib import to_dict
+    from teachers.provenance import kind_fields_only, without_locations
+
+    before = [
+        "kind",
+        "preset",
+        "flags",
+        "class_label",
+        "taps",
+        "dtype",
+        "channels_last",
+    ]  # the pre-issue-15 keys
+    for kind in ("diffusers", "adm"):
+        recorded = without_locations(kind_fields_only(to_dict(TeacherConfig(kind=kind))))  # type: ignore[arg-type]
+        assert list(recorded) == before
+    gan = without_locations(kind_fields_only(to_dict(TeacherConfig(kind="gan", num_images=3))))
+    assert {"truncation", "classes", "num_images"} <= set(gan) and "vae_input_scale" not in gan
