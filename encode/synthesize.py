@@ -66,7 +66,7 @@ def plan_synthesis(inputs: EncodeInputs, readout: Any) -> dict[str, Any]:
         preprocessing=SYNTH_PREPROCESSING,
         seed_rule=SYNTH_SEED_RULE,
         synthesis=SynthesisRecord(
-            num_images=n, truncation=readout.teacher.truncation, classes=list(readout.classes)
+            num_images=n, truncation=readout.teacher.truncation, classes=list(teacher_cfg.classes)
         ),
     )
     spec = spec_from_config(

@@ -83,7 +83,7 @@ class SynthesisRecord:
     num_images: int
     truncation: float
     classes: list[int]
-    """The classes drawn from, uniformly; every class of the generator when the config's list was empty."""
+    """The classes drawn from, uniformly; empty = all of the generator's classes (its ``num_classes``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
