@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from distributed.diagnostics.plugin import WorkerPlugin
 from PIL import Image
 
 from dreamteacher.resolve import resolve
@@ -220,52 +222,76 @@ def test_existing_cluster_gives_the_in_process_bytes(assets: Path, reference: Pa
     assert array_files(bank) == array_files(reference)
 
 
+class DieInSecondShard(WorkerPlugin):
+    """Test plugin: the worker named ``victim`` SIGKILLs its own process group (nanny, worker, decoding workers:
+    a lost machine) shortly after it starts its second shard, writing the shard's key to ``record`` first.
+
+    A kill from the test's side raced the worker: on an idle machine a shard takes ~0.1 s and the run could end
+    before the test saw the worker inside one. From the worker's own transition the kill lands while it holds a
+    shard, every time.
+    """
+
+    name = "test-die-in-second-shard"
+
+    def __init__(self, victim: str, record: str, delay_s: float) -> None:
+        self.victim, self.record, self.delay_s, self.started = victim, record, delay_s, 0
+
+    def setup(self, worker) -> None:  # noqa: ANN001 - a distributed.Worker
+        self.armed = worker.name == self.victim
+
+    def transition(self, key, start: str, finish: str, **kwargs) -> None:  # noqa: ANN001, ANN003 - dask's hook
+        if not (self.armed and finish == "executing" and str(key).startswith("encode-shard-")):
+            return
+        self.started += 1
+        if self.started == 2:
+            Path(self.record).write_text(str(key))
+            kill = threading.Timer(self.delay_s, os.killpg, (os.getpgid(0), signal.SIGKILL))
+            kill.daemon = True
+            kill.start()
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_loses_nothing(assets: Path, reference: Path, tmp_path: Path) -> None:
+    import cloudpickle
     from distributed import Client
 
     marker = uuid.uuid4().hex
-    bank = tmp_path / "killed.zarr"
+    bank, record = tmp_path / "killed.zarr", tmp_path / "killed-in.txt"
     with runbook_cluster(tmp_path, marker) as cluster:
         victim = cluster.worker_pids("worker1")
+        # 1. worker1 will kill itself and its nanny 20 ms into its second shard (the plugin travels by value:
+        #    the workers cannot import this test module)
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        try:
+            with Client(cluster.address, timeout=60, set_as_default=False) as client:
+                client.register_plugin(DieInSecondShard("worker1", str(record), 0.02))
+        finally:
+            cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         log = (tmp_path / "encode.log").open("w")
         encode = subprocess.Popen(
             encode_command(assets, bank, cluster.address), cwd=REPO, env=cluster.env, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
-            # 1. Wait until worker1 has finished a shard and is inside the next one, then kill it and its nanny
-            #    (a lost machine), so the scheduler must move the shard it holds.
-            state = (0, 0)
-            deadline = time.monotonic() + 240
-            with Client(cluster.address, timeout=60, set_as_default=False) as client:
-                info = client.scheduler_info(n_workers=-1)["workers"]
-                address = next(a for a, w in info.items() if w.get("name") == "worker1")
-
-                def progress(dask_worker) -> tuple[int, int]:  # noqa: ANN001 - a distributed.Worker
-                    return dask_worker.state.executed_count, len(dask_worker.state.executing)
-
-                while time.monotonic() < deadline and encode.poll() is None:
-                    state = client.run(progress, workers=[address])[address]
-                    if state[0] >= 1 and state[1] >= 1:
-                        break
-                    time.sleep(0.01)
-            assert state[0] >= 1 and state[1] >= 1, (state, (tmp_path / "encode.log").read_text()[-2000:])
-            os.killpg(cluster.procs["worker1"].pid, signal.SIGKILL)
-            done_at_kill = len(list((bank / "done").glob("*.json")))
-            assert done_at_kill < NUM_IMAGES, "the run finished before the kill"
             # 2. The run completes on the surviving worker.
             assert encode.wait(timeout=300) == 0, (tmp_path / "encode.log").read_text()[-3000:]
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(encode.pid, signal.SIGKILL)
             encode.wait(timeout=30)
+        assert cluster.procs["worker1"].wait(timeout=30) == -signal.SIGKILL  # the nanny died of the kill
+        assert not any(psutil.pid_exists(pid) for pid in victim)
+        held = int(re.fullmatch(r"encode-shard-(\d+)-\w+", record.read_text())[1])
+        assert (bank / "done").is_dir()
         output = (tmp_path / "encode.log").read_text()
         by_pid = shards_by_pid(output)
         survivor = cluster.worker_pids("worker0")
         assert set(by_pid) & survivor and set(by_pid) <= survivor | victim, by_pid
-        # shards the victim finished before dying count once; the ones it held were redone by the survivor
+        # the victim's finished shard counts once (or not at all when its result died with it); the held one
+        # was redone by the survivor
         assert sum(by_pid.values()) <= NUM_IMAGES
+        assert "Remove worker" in cluster.log("scheduler") and "name: worker1" in cluster.log("scheduler")
         assert f"{NUM_IMAGES} in the bank" in output
-    # 3. No duplicated or missing rows: the bank equals the in-process encode byte for byte.
+    # 3. No duplicated or missing rows: the bank equals the in-process encode byte for byte, the held shard too.
+    assert 0 <= held < NUM_IMAGES
     assert array_files(bank) == array_files(reference)
