@@ -82,7 +82,9 @@ class BigGANTeacher(GANTeacher):
         return self.model
 
     def generate(self, z_BZ: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-        one_hot_BK = torch.nn.functional.one_hot(labels_B.long(), self.num_classes).to(z_BZ.dtype)
+        # scatter, not F.one_hot: one_hot reads the labels' values, which the meta-device tap dry run cannot
+        one_hot_BK = torch.zeros(labels_B.shape[0], self.num_classes, dtype=z_BZ.dtype, device=z_BZ.device)
+        one_hot_BK.scatter_(1, labels_B.long()[:, None], 1.0)
         return self.model(z_BZ, one_hot_BK, self.truncation)
 
     def default_taps(self) -> list[TapConfig]:

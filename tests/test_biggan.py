@@ -123,3 +123,31 @@ def test_loading_errors(tmp_path: Path) -> None:
     torch.save({"model": Path("not a tensor")}, tmp_path / "pytorch_model.bin")
     with pytest.raises(Exception, match="Weights only load failed"):
         BigGAN.from_folder(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("size", "want"),
+    [
+        (128, ["generator.layers.0", "generator.layers.2", "generator.layers.4", "generator.layers.6"]),
+        (256, ["generator.layers.2", "generator.layers.4", "generator.layers.6", "generator.layers.9"]),
+    ],
+)
+def test_default_taps_sit_at_strides_32_to_4_of_any_layout(size: int, want: list[str]) -> None:
+    """The rule (last module at R/32 .. R/4) on the 128 px layout and a 256 px one (12 blocks, attention at 64 px,
+    so index 8 is attention and the last 64 px block is 9); strides measured by the dry run."""
+    from teachers.base import discover_taps
+    from teachers.gan import BigGANTeacher
+
+    cfg = BigGANConfig.from_json_file(FIXTURE / "config.json")
+    if size == 256:
+        ups = [False, True, False, True, False, True, False, True, False, True, False, True]
+        widths = [16, 16, 16, 16, 8, 8, 4, 4, 2, 2, 1, 1, 1]
+        layers = [(up, widths[i], widths[i + 1]) for i, up in enumerate(ups)]
+        cfg = dataclasses.replace(cfg, output_dim=256, layers=layers, attention_layer_position=8)
+    with torch.device("meta"):
+        model = BigGAN(cfg)
+    teacher = BigGANTeacher(model, truncation=0.5)
+    taps = teacher.default_taps()
+    assert [t.module for t in taps] == want and [t.stride for t in taps] == [32, 16, 8, 4]
+    infos = discover_taps(teacher, taps, size, "meta")
+    assert [i.height for i in infos] == [size // 32, size // 16, size // 8, size // 4]
