@@ -49,7 +49,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 # The declared dependency floors (setup.cfg), installed as ==floor in a scratch venv, against the tests that use
-# them. Slow (about 4 min on a 2-core VM with a warm pip cache, mostly installing torch): not part of `make test`.
+# them. Slow (about 6.5 min on a 2-core VM: 4-5 min installing, torch mostly, 2 min of tests): not in `make test`.
 .PHONY: test-floors
 test-floors:
 	scripts/check_floors.sh
