@@ -2,7 +2,7 @@
 # Check the declared dependency floors: install the minimum version of every install_requires entry of setup.cfg
 # (each `name>=X` installed as `name==X`; what those need is resolved by pip as usual) into a scratch venv, then run
 # the tests that exercise those libraries (bank io and codecs, config, images, CLI errors, a tiny encode with dask,
-# teachers, student and fine-tuning backbones).
+# teachers, student and fine-tuning backbones, the SLURM cluster builder).
 #
 #   scripts/check_floors.sh            # or: make test-floors
 #
@@ -31,15 +31,16 @@ VENV=${FLOORS_VENV:-${TMPDIR:-/tmp}/dreamteacher-floors}
 FLOORS_TORCH=${FLOORS_TORCH:-floor}
 FLOORS_TESTS=${FLOORS_TESTS:-tests/test_bank_io.py tests/test_bank_codecs.py tests/test_bank_reader.py tests/test_config.py \
   tests/test_images.py tests/test_cli.py tests/test_encode.py tests/test_teachers.py tests/test_distill_models.py \
-  tests/test_finetune_models.py}
+  tests/test_finetune_models.py tests/test_slurm.py}
 
-# install_requires + the dev extra, `>=` turned into `==`; a requirement without a floor is an error (unchecked).
+# install_requires + every extra (dev, slurm), `>=` turned into `==`; a requirement without a floor is an error (unchecked).
 mapfile -t PINS < <("$PYTHON" - "$ROOT/setup.cfg" "$FLOORS_TORCH" <<'PY'
 import configparser, re, sys
 cfg = configparser.ConfigParser()
 cfg.read(sys.argv[1])
 torch_override = sys.argv[2] != "floor"
-lines = cfg["options"]["install_requires"].split("\n") + cfg["options.extras_require"]["dev"].split("\n")
+extras = cfg["options.extras_require"]
+lines = cfg["options"]["install_requires"].split("\n") + [x for name in extras for x in extras[name].split("\n")]
 for line in filter(None, (x.split("#")[0].strip() for x in lines)):
     match = re.fullmatch(r"([A-Za-z0-9_.\-]+(?:\[[A-Za-z0-9_,\-]+\])?)\s*>=\s*([0-9][0-9A-Za-z.]*)(?:\s*,.*)?", line)
     if not match:
@@ -62,7 +63,7 @@ printf '  %s\n' "${PINS[@]}"
 installed=$(date +%s)
 echo "installed in $((installed - start)) s; versions:"
 "$VENV/bin/python" -m pip list --disable-pip-version-check --format=freeze | grep -iE \
-  "^(torch|torchvision|timm|diffusers|zarr|numcodecs|google-crc32c|webdataset|dask|distributed|click|tqdm|pyyaml|safetensors|pillow|pycocotools|tensorboard|matplotlib|numpy|braceexpand|pytest|huggingface.hub)==" \
+  "^(torch|torchvision|timm|diffusers|zarr|numcodecs|google-crc32c|webdataset|dask|dask-jobqueue|distributed|click|tqdm|pyyaml|safetensors|pillow|pycocotools|tensorboard|matplotlib|numpy|braceexpand|pytest|huggingface.hub)==" \
   | sed 's/^/  /'
 # The project itself from the checkout (no install, so nothing is written into the tree but the tests' tmp files).
 cd "$ROOT"
