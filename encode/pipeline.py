@@ -11,13 +11,12 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from bank import BankSpec, BankWriter, spec_from_config
-from bank.writer import SUMMARY_FILE
+from bank.layout import SUMMARY_FILE, side_dir
 from configlib import save_resolved
 from encode.distributed import run_tasks
 from encode.inputs import EncodeInputs
@@ -151,7 +150,7 @@ def run_encode(
 
     # 4. Create the bank at its final size (or reopen it for resume; different settings are refused).
     writer = BankWriter.create(plan.bank_path, spec, inputs.bank, overwrite=overwrite)
-    save_resolved(plan.inputs, plan.bank_path, "config.yaml")
+    save_resolved(plan.inputs, side_dir(plan.bank_path), "config.yaml")
     pending = writer.pending_shards()
 
     # 5. One task per pending shard.
@@ -178,7 +177,8 @@ def run_encode(
     )
 
     # 6. Every shard must now be done; then the run summary goes into the bank.
-    missing = writer.pending_shards()
+    # (another process or cluster may still hold claims on some: wait for it, then list what nobody wrote)
+    missing = writer.wait_for_shards(writer.pending_shards())
     if missing:
         raise RuntimeError(f"shards {missing[:10]} are still not done after the run; re-run the same command")
     encoded = [s for s in stats if not s.skipped]
@@ -202,4 +202,4 @@ def run_encode(
 
 def bank_rejects(bank_path: str) -> dict[str, str]:
     """Every reject recorded in a finalized bank (all runs), from its summary."""
-    return dict(json.loads((Path(bank_path) / SUMMARY_FILE).read_text())["rejects"])
+    return dict(json.loads((side_dir(bank_path) / SUMMARY_FILE).read_text())["rejects"])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ import torch
 
 from bank import BankSpec, BankWriter, ShardRows
 from bank.config import BankConfig
+from bank.writer import Claim
 from configlib import to_dict
 from encode.config import EncodeConfig
 from sources.images import DecodePool, ImageRecord, to_model_range
@@ -185,14 +188,23 @@ def encode_shard(task: ShardTask) -> ShardStats:
         stats = ShardStats(shard=task.shard, images=len(task.records))
         return synthesize_shard(task, get_writer=get_writer, get_readout=get_encoder, stats=stats)
     start = time.perf_counter()
-    settings, spec = task.settings, task.spec
     stats = ShardStats(shard=task.shard, images=len(task.records))
-
-    # 1. Per-process teacher and writer; a done shard is not redone (retries, duplicates, resumed runs).
-    writer = get_writer(task.bank_path, spec, task.bank_cfg)
-    if writer.is_done(task.shard):
+    # 1. Per-process writer. The shard is claimed first: a done shard, or one that another live process or
+    #    cluster is writing, is not redone (retries, duplicates, resumed runs, two encodes into one bank).
+    writer = get_writer(task.bank_path, task.spec, task.bank_cfg)
+    claim = writer.claim(task.shard, owner=f"{socket.gethostname()}:{os.getpid()}")
+    if claim is None:
         stats.skipped = True
         return stats
+    with claim:
+        return _encode_claimed_shard(task, writer, claim, stats, start)
+
+
+def _encode_claimed_shard(
+    task: ShardTask, writer: BankWriter, claim: Claim, stats: ShardStats, start: float
+) -> ShardStats:
+    """:func:`encode_shard`'s work once ``claim`` holds the shard: teacher pass, then the whole-shard write."""
+    settings, spec = task.settings, task.spec
     encoder, compute_lock = get_encoder(settings)
     device, res = encoder.device, encoder.resolution
 
@@ -262,7 +274,7 @@ def encode_shard(task: ShardTask) -> ShardStats:
         ok=ok,
         rejects=dict(stats.rejects),
     )
-    stats.write = dict(writer.write_shard(task.shard, shard_rows))
+    stats.write = dict(writer.write_shard(task.shard, shard_rows, claim=claim))
     stats.rows = n_rows
     stats.seconds = time.perf_counter() - start
     return stats

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from bank import BankError
+from bank.layout import side_dir
 from configlib import ConfigError
 from dreamteacher.resolve import resolve
 from dreamteacher.schema import PipelineConfig, load_pipeline
@@ -94,12 +95,15 @@ def make_cfg(assets: Path, bank: Path, *extra: str) -> PipelineConfig:
 
 def array_files(bank: Path) -> dict[str, bytes]:
     """Every data file and done marker of a bank (not the root attributes: they hold a creation time)."""
-    skip = {"zarr.json", "summary.json", "config.yaml"}
-    return {
-        str(p.relative_to(bank)): p.read_bytes()
-        for p in sorted(bank.rglob("*"))
-        if p.is_file() and str(p.relative_to(bank)) not in skip
+    files = {str(p.relative_to(bank)): p.read_bytes() for p in sorted(bank.rglob("*")) if p.is_file()}
+    files.pop("zarr.json")
+    # a marker names its bank's random bank_id; everything else in it is a function of the shard's bytes
+    markers = {
+        f"done/{p.name}": {k: v for k, v in json.loads(p.read_text()).items() if k != "bank_id"}
+        for p in sorted((side_dir(bank) / "done").glob("*.json"))
     }
+    assert markers, f"{bank} has no done markers"
+    return {**files, **markers}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +127,7 @@ def test_rows_match_a_hand_run_readout(assets: Path, reference_bank: Path) -> No
 
     # rejects: both broken files, rows zero and not ok; grayscale and CMYK are converted and encoded
     ok = group["ok"][:]
-    summary = json.loads((reference_bank / "summary.json").read_text())
+    summary = json.loads((side_dir(reference_bank) / "summary.json").read_text())
     assert set(summary["rejects"]) == {"notes.jpg", "truncated.jpg"}
     assert summary["rejects"]["notes.jpg"].startswith("UnidentifiedImageError")
     for i, key in enumerate(keys):
@@ -155,7 +159,7 @@ def test_rows_match_a_hand_run_readout(assets: Path, reference_bank: Path) -> No
         assert np.all(np.abs(decoded - ref) <= span / 254 + 1e-2 * span + 1e-6), level
 
     # resolved config beside the bank names the derived values
-    resolved = (reference_bank / "config.yaml").read_text()
+    resolved = (side_dir(reference_bank) / "config.yaml").read_text()
     assert "teacher: tiny" in resolved and "t: 50" in resolved and "resolution: 32" in resolved
 
 
@@ -186,14 +190,14 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(assets: Path) -> None:
            "--quiet", *overrides(assets, bank, *extra)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
-    while not list((bank / "done").glob("*.json")) if (bank / "done").is_dir() else True:
+    while not list((side_dir(bank) / "done").glob("*.json")) if (side_dir(bank) / "done").is_dir() else True:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"encode ended or stalled before any shard was done: {proc.stderr.read()!r}")
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_at_kill = len(list((bank / "done").glob("*.json")))
-    total = len(list((reference / "done").glob("*.json")))
+    done_at_kill = len(list((side_dir(bank) / "done").glob("*.json")))
+    total = len(list((side_dir(reference) / "done").glob("*.json")))
     assert 1 <= done_at_kill < total, "the run finished before the kill: nothing was resumed"
 
     clear_caches()
