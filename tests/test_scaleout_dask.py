@@ -13,6 +13,7 @@ Every process carries an environment mark; at the end none may be left (issue 19
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -101,14 +102,27 @@ def overrides(assets: Path, bank: Path) -> list[str]:
     ]
 
 
-def array_files(bank: Path) -> dict[str, bytes]:
-    """Every data file and done marker of a bank (not the root attributes: they hold a creation time)."""
+def array_files(bank: Path) -> dict[str, bytes | dict]:
+    """Every data file and done marker of a bank, wherever the bank layout keeps its side files.
+
+    Left out: the root attributes (a creation time), summary.json and config.yaml (timings, paths), and each
+    marker's random ``bank_id``; everything else in a marker is a function of the shard's bytes.
+    """
+    from bank.layout import side_dir
+
+    side = side_dir(bank)
     skip = {"zarr.json", "summary.json", "config.yaml"}
-    return {
+    files: dict[str, bytes | dict] = {
         str(p.relative_to(bank)): p.read_bytes()
         for p in sorted(bank.rglob("*"))
-        if p.is_file() and str(p.relative_to(bank)) not in skip
+        if p.is_file() and str(p.relative_to(bank)) not in skip and p.parent.name not in ("done", "claims")
     }
+    markers = {
+        f"done/{p.name}": {k: v for k, v in json.loads(p.read_text()).items() if k != "bank_id"}
+        for p in sorted((side / "done").glob("*.json"))
+    }
+    assert markers, f"{bank} has no done markers"
+    return {**files, **markers}
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +296,6 @@ def test_a_worker_killed_mid_run_loses_nothing(assets: Path, reference: Path, tm
         assert cluster.procs["worker1"].wait(timeout=30) == -signal.SIGKILL  # the nanny died of the kill
         assert not any(psutil.pid_exists(pid) for pid in victim)
         held = int(re.fullmatch(r"encode-shard-(\d+)-\w+", record.read_text())[1])
-        assert (bank / "done").is_dir()
         output = (tmp_path / "encode.log").read_text()
         by_pid = shards_by_pid(output)
         survivor = cluster.worker_pids("worker0")
