@@ -94,9 +94,20 @@ def synthesize_shard(
     ``ShardStats`` for this shard, filled in and returned."""
     start = time.perf_counter()
     writer = get_writer(task.bank_path, task.spec, task.bank_cfg)
-    if writer.is_done(task.shard):
+    # claimed first, as image shards are: a done shard, or one another live process is writing, is not redone
+    claim = writer.claim(task.shard)
+    if claim is None:
         stats.skipped = True
         return stats
+    with claim:
+        _synthesize_claimed(task, writer, claim, get_readout, stats)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _synthesize_claimed(
+    task: Any, writer: Any, claim: Any, get_readout: Callable[[Any], tuple[Any, threading.Lock]], stats: Any
+) -> None:
     synth, compute_lock = get_readout(task.settings)
     if not isinstance(synth, GANSynthesizer):
         raise TypeError(f"shard {task.shard}: the teacher does not synthesize")
@@ -132,7 +143,5 @@ def synthesize_shard(
         seed=seeds,
         ok=np.ones(n_rows, bool),
     )
-    stats.write = dict(writer.write_shard(task.shard, shard_rows))
+    stats.write = dict(writer.write_shard(task.shard, shard_rows, claim=claim))
     stats.rows = n_rows
-    stats.seconds = time.perf_counter() - start
-    return stats
