@@ -110,6 +110,11 @@ class TeacherEncoder:
         dtype_name: Literal["bf16", "fp16", "fp32"],
         channels_last: bool,
     ) -> None:
+        if getattr(teacher, "synthesizes", False):
+            raise ValueError(
+                f"{type(teacher).__name__} synthesizes its images and cannot encode real ones; use "
+                "teachers.synthesis.GANSynthesizer (dreamteacher encode does, for a gan teacher)"
+            )
         problems = []
         if mode not in ENCODING_MODES:
             problems.append(f"encode.mode {mode!r}: valid choices are {', '.join(ENCODING_MODES)}")

@@ -151,3 +151,17 @@ def test_default_taps_sit_at_strides_32_to_4_of_any_layout(size: int, want: list
     assert [t.module for t in taps] == want and [t.stride for t in taps] == [32, 16, 8, 4]
     infos = discover_taps(teacher, taps, size, "meta")
     assert [i.height for i in infos] == [size // 32, size // 16, size // 8, size // 4]
+
+
+def test_a_gan_teacher_cannot_encode_images() -> None:
+    from teachers.encoding import TeacherEncoder
+    from teachers.gan import BigGANTeacher
+
+    teacher = BigGANTeacher.from_folder(FIXTURE, truncation=0.5)
+    with pytest.raises(ValueError, match="synthesizes its images and cannot encode real ones"):
+        TeacherEncoder(
+            teacher, teacher.default_taps(), mode="noise", t=10, ddim_steps=1, resolution=128, device="cpu",
+            dtype_name="fp32", channels_last=False,
+        )  # fmt: skip
+    with pytest.raises(TypeError, match="is a GAN: it synthesizes images"):
+        teacher.predict_eps(torch.zeros(1, 3, 128, 128), torch.zeros(1, dtype=torch.long))
