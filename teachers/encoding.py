@@ -163,7 +163,8 @@ class TeacherEncoder:
                     raise ValueError("noise encoding needs eps (make_noise(row seeds, flips, noise_shape))")
                 if eps_BCHW.shape != x0_BCHW.shape:
                     raise ValueError(
-                        f"eps has shape {tuple(eps_BCHW.shape)}, the teacher diffuses {tuple(x0_BCHW.shape)}"
+                        f"eps has shape {tuple(eps_BCHW.shape)}, the teacher diffuses {tuple(x0_BCHW.shape)}: draw it "
+                        "with make_noise(seeds, flips, encoder.noise_shape) (a latent teacher's noise is latent-shaped)"
                     )
                 xt_BCHW = q_sample(x0_BCHW, self.t, eps_BCHW, self.teacher.alphas_cumprod)
             else:

@@ -233,3 +233,15 @@ def test_encodes_verifies_and_distils(sd_folder: Path, tmp_path: Path) -> None:
     assert opened.spec.image_size == 32
     run_distill(resolve(cfg, "distill"), progress=False)
     assert any((tmp_path / "distill").rglob("*"))
+
+
+def test_image_shaped_noise_is_refused_with_the_fix(sd_folder: Path) -> None:
+    teacher = build_teacher(TeacherConfig(kind="latent-diffusion", path=str(sd_folder)), "cpu")
+    encoder = TeacherEncoder(
+        teacher, teacher.default_taps(), mode="noise", t=10, ddim_steps=1, resolution=32, device="cpu",
+        dtype_name="fp32", channels_last=False,
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"the teacher diffuses \(1, 4, 8, 8\): draw it with .*encoder\.noise_shape"
+    ):
+        encoder(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
