@@ -197,8 +197,9 @@ def _fp16_round_up(value: torch.Tensor) -> torch.Tensor:
 class Int4Codec(Codec):
     """Affine 4-bit quantisation per (row, channel group), two values per byte: ``x ~= q * scale + offset``.
 
-    Channels are grouped in runs of ``group`` (the last group may be shorter); each group of each row has a float16
-    ``scale`` and ``offset`` (the group's mid-range, rounded; the scale covering the range around the rounded offset,
+    The C channels are split into ``ceil(C / group)`` consecutive, near-equal groups (channel c is in group
+    ``c * G // C``, so each holds at most ``group`` channels and the decoder derives the partition from C and G
+    alone); each group of each row has a float16 ``scale`` and ``offset`` (the group's mid-range, rounded; the scale covering the range around the rounded offset,
     rounded up), so every element is within ``scale / 2``. ``q`` in [-7, 7] is stored as the nibble ``q + 8`` (1..15),
     low nibble = even column; the stored ``q`` has shape (C, H, ceil(W / 2)). Code 0 is never produced, so an odd
     width's padding column (all code 0) is recognised and dropped at decode without storing the width.
@@ -214,6 +215,7 @@ class Int4Codec(Codec):
         self.exact_zero_channels = group == 1
 
     def _groups(self, channels: int) -> int:
+        """How many groups C channels form (at most ``group`` channels each)."""
         return -(-channels // self.group)
 
     def parts(self, level: LevelSpec) -> dict[str, Part]:
@@ -225,19 +227,26 @@ class Int4Codec(Codec):
             "offset4": Part("float16", (groups,)),
         }
 
+    @staticmethod
+    def _group_of(channels: int, groups: int, device: torch.device) -> torch.Tensor:
+        """(C,) group index of each channel: ``c * G // C``."""
+        return torch.arange(channels, device=device) * groups // channels
+
     def _expand(self, per_group_SG: torch.Tensor, channels: int) -> torch.Tensor:
         """(S, G) -> (S, C, 1, 1): each channel gets its group's value."""
-        return per_group_SG.repeat_interleave(self.group, dim=1)[:, :channels, None, None]
+        index = self._group_of(channels, per_group_SG.shape[1], per_group_SG.device)
+        return per_group_SG[:, index, None, None]
 
     def encode(self, feats_SCHW: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_fp16_range(feats_SCHW, self.name)
         x = feats_SCHW.detach().float()
-        s, c, h, w = x.shape
-        # 1. range per (row, group): pad channels with copies of the last one (min / max unchanged)
-        pad = self._groups(c) * self.group - c
-        padded = torch.cat([x, x[:, -1:].expand(s, pad, h, w)], dim=1) if pad else x
-        grouped = padded.reshape(s, -1, self.group * h * w)
-        lo, hi = grouped.amin(dim=2), grouped.amax(dim=2)
+        s, c, _, w = x.shape
+        # 1. range per (row, group): channel ranges, then reduced over each group's channels
+        groups = self._groups(c)
+        index_SC = self._group_of(c, groups, x.device).expand(s, c)
+        fill = x.new_full((s, groups), float("inf"))
+        lo = fill.scatter_reduce(1, index_SC, x.amin(dim=(2, 3)), "amin")
+        hi = (-fill).scatter_reduce(1, index_SC, x.amax(dim=(2, 3)), "amax")
         # 2. offset in float16, then the scale covering [lo, hi] around the ROUNDED offset, rounded up
         offset16 = ((lo + hi) * 0.5).to(torch.float16)
         half_range = torch.maximum(hi - offset16.float(), offset16.float() - lo)
@@ -310,6 +319,12 @@ CODECS: dict[str, type[Codec]] = {
     "int4": Int4Codec,
     "fp8": Fp8Codec,
 }
+
+
+def codec_for(name: str, settings: Any) -> Codec:
+    """The codec ``name`` with the parameters of a ``BankSpec`` or ``BankConfig`` (``bitround_keepbits``,
+    ``int4_group``): the one way the writer, the reader and the tools build a level's codec."""
+    return make_codec(name, bitround_keepbits=settings.bitround_keepbits, int4_group=settings.int4_group)
 
 
 def make_codec(name: str, *, bitround_keepbits: int = 7, int4_group: int = 8) -> Codec:

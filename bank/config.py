@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-CodecName = Literal["fp16", "int8", "bitround"]
+CodecName = Literal["fp16", "int8", "bitround", "int4", "fp8"]
 
 
 @dataclass(kw_only=True)
@@ -23,3 +23,9 @@ class BankConfig:
     Codecs per level; so off by default)."""
     bitround_keepbits: int = 7
     """Mantissa bits kept by the ``bitround`` codec."""
+    int4_group: int = 8
+    """Channels sharing one scale / offset in the ``int4`` codec (at most; near-equal consecutive groups)."""
+
+    def __post_init__(self) -> None:
+        if self.int4_group < 1:
+            raise ValueError(f"int4_group={self.int4_group}: a group holds at least one channel")

@@ -39,7 +39,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from bank.codecs import get_compressor, make_codec
+from bank.codecs import codec_for, get_compressor
 from bank.spec import (
     FORMAT_VERSION,
     KEY_BYTES,
@@ -244,7 +244,7 @@ def array_defs(spec: BankSpec) -> list[ArrayDef]:
         ArrayDef("ok", "bool", (), sharded=False),
     ]
     for level in spec.levels:
-        codec = make_codec(level.codec, bitround_keepbits=spec.bitround_keepbits)
+        codec = codec_for(level.codec, spec)
         for part, layout in codec.parts(level).items():
             defs.append(
                 ArrayDef(

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from bank.codecs import make_codec
+from bank.codecs import codec_for
 from bank.layout import (
     SUMMARY_FILE,
     ArrayDef,
@@ -72,9 +72,7 @@ class Bank:
         self.rejects: dict[str, str] = {}
         for record in markers.values():
             self.rejects.update(record["rejects"])
-        self.codecs = {
-            lv.name: make_codec(lv.codec, bitround_keepbits=spec.bitround_keepbits) for lv in self.levels
-        }
+        self.codecs = {lv.name: codec_for(lv.codec, spec) for lv in self.levels}
         self._defs = array_defs(spec)
         self.row_meta = row_meta
         """Small per-row metadata (source_index, draw, flip, seed, ok), read whole and checked at open; rows

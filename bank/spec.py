@@ -73,6 +73,9 @@ class BankSpec:
     """Lossless compressor on top of the codecs (``none``, ``blosc-lz4``, ``zstd``)."""
     bitround_keepbits: int = 7
     """Mantissa bits kept by levels whose codec is ``bitround``."""
+    int4_group: int = 8
+    """Channels per scale / offset group of levels whose codec is ``int4``. In the fingerprint only when a level
+    uses ``int4``, so banks made before the codec existed keep theirs."""
 
     def __post_init__(self) -> None:
         self.levels = [lv if isinstance(lv, LevelSpec) else LevelSpec(**lv) for lv in self.levels]
@@ -141,7 +144,10 @@ class BankSpec:
 
     # ---- identity ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not any(lv.codec == "int4" for lv in self.levels):
+            del data["int4_group"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BankSpec:

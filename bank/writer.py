@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import zarr
 
-from bank.codecs import get_compressor, make_codec
+from bank.codecs import codec_for, get_compressor
 from bank.config import BankConfig
 from bank.layout import (
     ATTRS_KEY,
@@ -162,6 +162,7 @@ def spec_from_config(
         attributes=attributes,
         compressor=cfg.compressor,
         bitround_keepbits=cfg.bitround_keepbits,
+        int4_group=cfg.int4_group,
     )
 
 
@@ -208,9 +209,7 @@ class BankWriter:
             for adef in self.arrays.values()
             if compressor and adef.sharded
         }
-        self.codecs = {
-            lv.name: make_codec(lv.codec, bitround_keepbits=spec.bitround_keepbits) for lv in spec.levels
-        }
+        self.codecs = {lv.name: codec_for(lv.codec, spec) for lv in spec.levels}
 
     # ---- creation / resume ---------------------------------------------------------------------------------
     @classmethod
@@ -699,10 +698,7 @@ def _build_bank_folder(path: Path, spec: BankSpec, format_version: int) -> Path:
         "format_version": format_version,
         "spec": spec.to_dict(),
         "fingerprint": spec.fingerprint(),
-        "codecs": {
-            lv.name: make_codec(lv.codec, bitround_keepbits=spec.bitround_keepbits).config()
-            for lv in spec.levels
-        },
+        "codecs": {lv.name: codec_for(lv.codec, spec).config() for lv in spec.levels},
         "library_versions": library_versions(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -792,12 +788,16 @@ def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
         "bitround_keepbits": cfg.bitround_keepbits,
         **{f"levels.{lv.name}.codec": cfg.level_codecs.get(lv.name, cfg.codec) for lv in spec.levels},
     }
+    if any(lv.codec == "int4" for lv in spec.levels):
+        expected["int4_group"] = cfg.int4_group
     actual = {
         "shard_rows": spec.shard_rows,
         "compressor": spec.compressor,
         "bitround_keepbits": spec.bitround_keepbits,
         **{f"levels.{lv.name}.codec": lv.codec for lv in spec.levels},
     }
+    if any(lv.codec == "int4" for lv in spec.levels):
+        actual["int4_group"] = spec.int4_group
     diff = [
         f"{k}: spec {actual[k]!r}, bank config {expected[k]!r}" for k in expected if expected[k] != actual[k]
     ]
