@@ -245,3 +245,33 @@ def test_image_shaped_noise_is_refused_with_the_fix(sd_folder: Path) -> None:
         ValueError, match=r"the teacher diffuses \(1, 4, 8, 8\): draw it with .*encoder\.noise_shape"
     ):
         encoder(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize(("sample_size", "cross", "resolution"), [(64, 768, 256), (96, 1024, 384)])
+def test_stable_diffusion_layouts_tap_strides_32_to_4(sample_size: int, cross: int, resolution: int) -> None:
+    """SD 1.x (512 px native) and SD 2.1 (768 px) layouts, built on the meta device (no memory): the student sees
+    256 / 384 px and the default taps measure 32, 16, 8, 4 with SD's decoder widths."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from teachers.latent_diffusion import LatentDiffusionTeacher
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, cross_attention_dim=cross
+        )  # diffusers' defaults = SD
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+        )
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    teacher = LatentDiffusionTeacher(unet, vae, sched, torch.zeros(1, 77, cross, device="meta"))
+    assert teacher.resolution == resolution
+    taps = teacher.default_taps()
+    assert [t.stride for t in taps] == [32, 16, 8, 4]
+    infos = discover_taps(teacher, taps, resolution, "meta")
+    assert [(i.channels, i.height) for i in infos] == [
+        (1280, resolution // 32), (1280, resolution // 16), (640, resolution // 8), (320, resolution // 4)
+    ]  # fmt: skip
