@@ -225,3 +225,15 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     summary = run_encode(make_cfg(bank, *extra, num_images=n), use_dask=False, progress=False)
     assert summary.shards_encoded == n - done_at_kill
     assert array_files(bank) == array_files(reference)
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    clear_caches()
+    with pytest.raises(ValueError, match="encode.resolution=64, but teachers.gan generates 128 px images"):
+        run_encode(make_cfg(tmp_path / "r.zarr", "encode.resolution=64"), use_dask=False, progress=False)
+    clear_caches()
+    bad = overrides(tmp_path / "c.zarr")
+    bad[0] = bad[0].replace(f"classes: {CLASSES}", "classes: [3, 1000]")
+    with pytest.raises(ValueError, match=r"classes \[1000\] are outside the generator's \[0, 1000\)"):
+        run_encode(load_pipeline(ROOT / "pipeline.yaml", bad), use_dask=False, progress=False)
+    assert not (tmp_path / "r.zarr").exists() and not (tmp_path / "c.zarr").exists()
