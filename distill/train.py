@@ -205,7 +205,7 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
     ).to(runtime.device)
     if runtime.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    if runtime.distributed and runtime.device.type == "cuda":
+    if runtime.sync_batchnorm:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     optimizer = build_optimizer(net, dcfg)
     scheduler, total_steps = build_schedule(optimizer, dcfg, len(sampler))

@@ -108,7 +108,7 @@ def run_detection(
         root, "train", train=True, flip_prob=det.flip_prob, filter_empty=det.filter_empty_train
     )
     val_set = CocoInstances(root, "val", train=False)
-    backbone = apply_norm(build_backbone(cfg.backbone, cfg.ckpt), det.norm, runtime.distributed)
+    backbone = apply_norm(build_backbone(cfg.backbone, cfg.ckpt), det.norm, runtime.sync_batchnorm)
     model = build_mask_rcnn(backbone, len(train_set.cat_ids), det).to(runtime.device)
     optimizer = build_optimizer(model, det.optim)
     checkpoint = out_dir / "checkpoint.pt"

@@ -142,10 +142,10 @@ def run_segmentation(
     num_classes = len(data.class_names)
     backbone = build_backbone(cfg.backbone, cfg.ckpt)
     if seg.norm == "frozen":
-        backbone = apply_norm(backbone, "frozen", runtime.distributed)
+        backbone = apply_norm(backbone, "frozen", runtime.sync_batchnorm)
     model = UperNet(backbone, num_classes, seg.head)
     if seg.norm == "sync":  # mmseg: SyncBN in backbone and heads
-        model = apply_norm(model, "sync", runtime.distributed)
+        model = apply_norm(model, "sync", runtime.sync_batchnorm)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)

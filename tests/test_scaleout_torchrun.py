@@ -168,9 +168,7 @@ SEG = [
     "finetune.segmentation.optim.warmup_iters=1",
     "finetune.segmentation.optim.lr=0.001",
     "finetune.vis_samples=2",
-    # per-rank BatchNorm: finetune's default `sync` converts to SyncBatchNorm, which DDP refuses on CPU
-    # ("SyncBatchNorm layers only work with GPU modules"); distill converts only on CUDA
-    "finetune.segmentation.norm=batch",
+    # finetune's default norm (`sync`) on CPU: plain per-rank batch norm (SyncBatchNorm has no CPU kernel)
 ]
 
 

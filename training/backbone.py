@@ -122,11 +122,14 @@ def load_backbone_weights(
     backbone.model.load_state_dict({k: state[k] for k in expected}, strict=True)
 
 
-def apply_norm(module: nn.Module, norm: NormMode, distributed: bool) -> nn.Module:
-    """Batch-norm handling for fine-tuning (see docs/finetune.md): sync / batch / frozen."""
+def apply_norm(module: nn.Module, norm: NormMode, sync_batchnorm: bool) -> nn.Module:
+    """Batch-norm handling for fine-tuning (see docs/finetune.md): sync / batch / frozen.
+
+    ``sync`` converts to SyncBatchNorm only where it can run (``Runtime.sync_batchnorm``: DDP on CUDA); elsewhere
+    it is plain batch norm, as on a single process."""
     if norm == "frozen":
         return timm.layers.freeze_batch_norm_2d(module)
-    if norm == "sync" and distributed:
+    if norm == "sync" and sync_batchnorm:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return module
 

@@ -38,6 +38,12 @@ class Runtime:
         return self.world_size > 1
 
     @property
+    def sync_batchnorm(self) -> bool:
+        """Whether batch-norm statistics are synchronised across ranks: under DDP on CUDA only (torch's
+        SyncBatchNorm has no CPU kernel; a CPU multi-process run keeps per-rank statistics)."""
+        return self.distributed and self.device.type == "cuda"
+
+    @property
     def needs_grad_scaler(self) -> bool:
         """fp16 autocast underflows small gradients without loss scaling; bf16 has float32's range."""
         return self.amp and self.amp_dtype == torch.float16
