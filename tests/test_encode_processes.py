@@ -14,24 +14,13 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 from PIL import Image
 
 from sources.demo_scenes import scene_for
+from tests.processes import marked
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _marked(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("DREAMTEACHER_TEST_MARK") == marker:
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
 
 
 @pytest.mark.slow
@@ -57,10 +46,10 @@ def test_dask_encode_leaves_no_process_behind(tmp_path: Path) -> None:
         # (the nanny may still log "Worker process still alive after 4.0 seconds, killing" on a loaded machine:
         # the worker's own exit is slow then, but its decoding pool was shut down before the kill)
         deadline = time.monotonic() + 10
-        while _marked(marker) and time.monotonic() < deadline:
+        while marked(marker) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = [" ".join(p.cmdline())[:120] for p in _marked(marker)]
+        left = [" ".join(p.cmdline())[:120] for p in marked(marker)]
         assert left == [], f"processes left behind by the encode: {left}"
     finally:
-        for proc in _marked(marker):
+        for proc in marked(marker):
             proc.kill()

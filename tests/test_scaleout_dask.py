@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,27 +37,11 @@ from dreamteacher.resolve import resolve
 from dreamteacher.schema import load_pipeline
 from encode.pipeline import run_encode
 from encode.worker import clear_caches
+from tests.processes import free_port, marked
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NUM_IMAGES = 12
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def marked(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("DREAMTEACHER_TEST_MARK") == marker:
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
 
 
 @pytest.fixture(scope="module")

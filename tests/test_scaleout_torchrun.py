@@ -13,38 +13,21 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+
+from tests.processes import free_port, marked
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 WEIGHTS_ENV = "DREAMTEACHER_TEST_WEIGHTS_DIR"
 COPY_ENV = "DREAMTEACHER_TEST_COPY_STEP2"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def marked(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("DREAMTEACHER_TEST_MARK") == marker:
-                found.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return found
 
 
 def run_two_nodes(args: list[str], tmp: Path, name: str, timeout: float = 300) -> None:
