@@ -59,13 +59,18 @@ def fidelity_terms(
 
 
 def expected_features(
-    encode: EncodeFn, x0_BCHW: torch.Tensor, seeds_BM: Sequence[Sequence[int]]
+    encode: EncodeFn,
+    x0_BCHW: torch.Tensor,
+    seeds_BM: Sequence[Sequence[int]],
+    noise_shape: Sequence[int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """The mean over M draws (``seeds_BM[b][m]`` is image b's m-th noise seed) and the M single draws."""
+    """The mean over M draws (``seeds_BM[b][m]`` is image b's m-th noise seed) and the M single draws.
+
+    ``noise_shape``: (C, H, W) of one row's noise, default the image's (a latent teacher's is its latent's)."""
     from teachers.encoding import make_noise
 
     draws = len(seeds_BM[0])
-    shape = tuple(x0_BCHW.shape[1:])
+    shape = tuple(noise_shape or x0_BCHW.shape[1:])
     singles = []
     for m in range(draws):
         eps = make_noise([int(s[m]) for s in seeds_BM], [False] * len(seeds_BM), shape).to(x0_BCHW.device)
@@ -134,6 +139,7 @@ def score(
     encode: EncodeFn,
     batches: Sequence[tuple[torch.Tensor, Sequence[Sequence[int]]]],
     whiten_axes: WhitenAxes,
+    noise_shape: Sequence[int] | None = None,
 ) -> FidelityReport:
     """Fidelity of ``predict(images_u8_BCHW)`` over ``batches`` of (uint8 images, per-image draw seeds)."""
     student: dict[str, dict[str, float]] = {}
@@ -141,7 +147,7 @@ def score(
     images = 0
     for images_u8, seeds_BM in batches:
         x0 = images_u8.float() / 127.5 - 1.0
-        mean, singles = expected_features(encode, x0, seeds_BM)
+        mean, singles = expected_features(encode, x0, seeds_BM, noise_shape)
         with torch.no_grad():
             preds = predict(images_u8)
         n = images_u8.shape[0]
@@ -238,6 +244,6 @@ def evaluate_run(
         out = net(net.normalize(images_u8))
         return {k: v for k, v in out.items() if k in levels}
 
-    report = score(predict, lambda x, e: encoder(x, e), batches, dcfg.loss.whiten)
+    report = score(predict, lambda x, e: encoder(x, e), batches, dcfg.loss.whiten, encoder.noise_shape)
     atomic_write_text(exp_dir / "fidelity.json", json.dumps(report.as_dict(), indent=2))
     return report

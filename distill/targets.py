@@ -115,7 +115,9 @@ class TeacherTargets:
         eps_BCHW = None
         if self.mode == "noise":
             seeds, mirrored = self.noise_seeds(batch)
-            eps_BCHW = make_noise(seeds, mirrored, x0_BCHW.shape[1:]).to(self.device)
+            eps_BCHW = make_noise(seeds, mirrored, self.encoder.noise_shape).to(
+                self.device
+            )  # image or latent
         # 3. one teacher read-out; clone leaves inference mode so autograd may use the targets
         feats = self.encoder(x0_BCHW, eps_BCHW)
         return {name: feats[name].float().clone() for name in self.levels}

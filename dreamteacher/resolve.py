@@ -22,6 +22,7 @@ from dreamteacher.schema import PipelineConfig
 from encode.inputs import EncodeInputs
 from finetune.inputs import FinetuneInputs
 from teacher_training.inputs import TeacherTrainInputs
+from teachers.registry import synthesizes
 
 Stage = Literal["encode", "distill", "finetune", "teacher"]
 
@@ -41,7 +42,7 @@ def _encode(cfg: PipelineConfig) -> EncodeInputs:
             f"(teachers in the config: {', '.join(sorted(cfg.teachers))})"
         )
     t = enc.t or dataset.t
-    if t <= 0:
+    if t <= 0 and not synthesizes(cfg.teacher(teacher_name)):  # a GAN synthesizes its rows: no noise step
         raise ConfigError(
             f"no noise step: set encode.t or datasets.{enc.data}.t (the paper: 150 ImageNet, 50 LSUN)"
         )

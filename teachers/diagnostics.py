@@ -47,14 +47,15 @@ def mirror(feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def flip_and_noise_diagnostics(
-    encode: EncodeFn, x0_BCHW: torch.Tensor, seeds: list[int]
+    encode: EncodeFn, x0_BCHW: torch.Tensor, seeds: list[int], noise_shape: tuple[int, ...] | None = None
 ) -> dict[str, dict[str, float]]:
     """Per level: ``draw_to_draw``, ``flip_same_noise``, ``flip_fresh_noise`` cosines (1.0 = identical).
 
     ``seeds``: one per image; a second, independent draw uses ``seed + 1_000_003``. Noise comes from
-    :func:`teachers.encoding.make_noise`, so figures are reproducible on any device.
+    :func:`teachers.encoding.make_noise`, so figures are reproducible on any device. ``noise_shape``: (C, H, W) of
+    one row's noise, default the image's (a latent teacher's is its latent's; mirroring it mirrors the latent).
     """
-    shape = tuple(x0_BCHW.shape[1:])
+    shape = tuple(noise_shape or x0_BCHW.shape[1:])
     no_flip = [False] * len(seeds)
     eps_a = make_noise(seeds, no_flip, shape).to(x0_BCHW.device)
     eps_b = make_noise([s + 1_000_003 for s in seeds], no_flip, shape).to(x0_BCHW.device)
@@ -115,4 +116,6 @@ def run_teacher_diagnostics(
     if not images:
         raise ValueError(f"no readable image below {images_dir}")
     x0 = torch.stack(images).float() / 127.5 - 1.0
-    return flip_and_noise_diagnostics(lambda x, e: encoder(x, e), x0.to(encoder.device), seeds)
+    return flip_and_noise_diagnostics(
+        lambda x, e: encoder(x, e), x0.to(encoder.device), seeds, encoder.noise_shape
+    )

@@ -170,7 +170,7 @@ def test_empty_prompt_from_the_pipelines_text_encoder(tmp_path: Path, sd_folder:
     (tok_dir / "vocab.json").write_text(json.dumps(vocab))
     (tok_dir / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = transformers.CLIPTokenizer(
-        tok_dir / "vocab.json", tok_dir / "merges.txt", model_max_length=77
+        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77
     )
     cfg = transformers.CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
