@@ -23,6 +23,7 @@ from PIL import Image
 
 from encode.inputs import EncodeInputs
 from sources.datasets import DatasetConfig, ensure_available
+from sources.images import to_rgb
 from teachers.base import FeatureTaps
 from teachers.encoding import q_sample
 from teachers.registry import build_teacher, resolve_taps
@@ -34,7 +35,7 @@ def _load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images ``(N, 3, H, W)`` and int64 labels ``(N, H, W)`` of a fewshot-layout split."""
     images, labels = [], []
     for png in sorted((root / split).glob("*.png")):
-        images.append(np.asarray(Image.open(png).convert("RGB")).transpose(2, 0, 1))
+        images.append(np.asarray(to_rgb(Image.open(png))).transpose(2, 0, 1))
         labels.append(np.load(png.with_suffix(".npy"), allow_pickle=False).astype(np.int64))
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
 

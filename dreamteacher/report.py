@@ -26,6 +26,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from finetune.report import palette  # noqa: E402
 from sources import demo_scenes as demo_data  # noqa: E402
+from sources.images import to_rgb
 
 FEATURE_ROWS = 3
 """Bank images shown in the feature figure."""
@@ -370,7 +371,7 @@ def coco_figure(path: Path, coco_root: Path, runs: dict[str, Path], count: int =
     cols = 1 + len(detections)
     fig, axes = plt.subplots(len(images), cols, figsize=(3.2 * cols + 1.2, 3.2 * len(images)), squeeze=False)
     for r, im in enumerate(images):
-        image = np.asarray(Image.open(coco_root / "val2017" / im["file_name"]).convert("RGB"))
+        image = np.asarray(to_rgb(Image.open(coco_root / "val2017" / im["file_name"])))
         truth = [a for a in gt["annotations"] if a["image_id"] == im["id"] and not a.get("iscrowd", 0)]
         axes[r, 0].imshow(panel(image, truth, with_scores=False))
         for c, (init, dets) in enumerate(sorted(detections.items()), start=1):

@@ -22,6 +22,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Dataset
 
+from sources.images import to_rgb
+
 SPLITS = {"train": "train2017", "val": "val2017"}
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -81,7 +83,7 @@ class CocoInstances(Dataset):
         if not path.is_file():
             raise FileNotFoundError(f"image {path} (id {image_id} in {self.ann_file}) is missing")
         with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            array = np.asarray(to_rgb(im), dtype=np.uint8).copy()  # 16-bit, alpha, CMYK: sources.images rules
         if array.shape[:2] != (info["height"], info["width"]):
             raise ValueError(
                 f"image {path} is {array.shape[1]}x{array.shape[0]} but {self.ann_file} says "

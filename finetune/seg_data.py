@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from finetune.config import SegAugConfig
+from sources.images import to_rgb
 
 IGNORE = 255
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
@@ -34,7 +35,8 @@ class SegPair:
 def read_image(path: Path) -> torch.Tensor:
     """RGB image -> float (3, H, W) in 0..255."""
     with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float()
+        # every PIL mode by the encode stage's rules (16-bit grey scaled, alpha on white): sources.images.to_rgb
+        return torch.from_numpy(np.asarray(to_rgb(im), dtype=np.uint8).copy()).permute(2, 0, 1).float()
 
 
 def read_label(path: Path) -> np.ndarray:

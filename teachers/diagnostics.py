@@ -1,6 +1,6 @@
 """Teacher diagnostics: how stochastic and how flip-equivariant are a teacher's features?
 
-Two properties decide what a feature bank can save (docs/cache-cost.md):
+Two properties decide what a feature bank can save:
 
 * **draw-to-draw**: the cosine between two noise draws of the same image. A bank stores K draws of a random
   variable; the lower this is, the more a student learns from fresh draws (or from the mean of many);
