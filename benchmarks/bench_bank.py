@@ -126,7 +126,8 @@ def timed(fn, repeat: int = 3) -> float:
 
 
 def codec_table(feats: dict[str, torch.Tensor]) -> list[str]:
-    variants = [("fp16", "none"), ("int8", "none"), ("int8", "blosc-lz4"), ("bitround", "blosc-lz4")]
+    variants = [("fp16", "none"), ("int8", "none"), ("fp8", "none"), ("int4", "none"), ("int8", "blosc-lz4"),
+                ("bitround", "blosc-lz4")]  # fmt: skip
     lines = [
         "| level | C x h x w | codec | bytes/view vs fp16 | mean cosine | min cosine | rel. error | "
         "encode MB/s | decode MB/s |",
