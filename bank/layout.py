@@ -492,7 +492,8 @@ def host_tag() -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs on this machine (in this PID namespace)."""
+    """Whether ``pid`` runs on this machine (in this PID namespace). A zombie (killed, not yet reaped by its
+    parent: what a SIGKILLed dask worker is for a moment) is not running."""
     if pid <= 0:
         return False
     try:
@@ -501,7 +502,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # another user's process
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # Linux: the state letter follows the parenthesised command name
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def owner_gone(tag: str, pid: int, mtime: float, max_age_s: float) -> bool:

@@ -193,7 +193,11 @@ def run_encode(
         teacher_seconds=sum(s.teacher_seconds for s in encoded),
     )
     summary.wall_seconds = time.perf_counter() - start
-    writer.finalize({k: v for k, v in summary.as_dict().items() if k != "rejects"})
+    # keys the bank's 64-byte field could not hold were shortened at listing time: keep their full paths
+    long_keys = {r.key: r.full_key for r in plan.records if r.full_key != r.key}
+    writer.finalize(
+        {**{k: v for k, v in summary.as_dict().items() if k != "rejects"}, "long_keys": long_keys}
+    )
     summary.rejects = bank_rejects(plan.bank_path)
     if progress:
         print(summary.format())

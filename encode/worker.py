@@ -192,7 +192,13 @@ def encode_shard(task: ShardTask) -> ShardStats:
     # 1. Per-process writer. The shard is claimed first: a done shard, or one that another live process or
     #    cluster is writing, is not redone (retries, duplicates, resumed runs, two encodes into one bank).
     writer = get_writer(task.bank_path, task.spec, task.bank_cfg)
-    claim = writer.claim(task.shard, owner=f"{socket.gethostname()}:{os.getpid()}")
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    claim = writer.claim(task.shard, owner=owner)
+    if claim is None and not writer.is_done(task.shard):
+        # another owner holds it: a concurrent encode, or a worker the scheduler gave up on that is still dying.
+        # Wait until it finishes or its claim goes stale (process gone, or lease over), then take the shard.
+        writer.wait_for_shards([task.shard])
+        claim = writer.claim(task.shard, owner=owner)
     if claim is None:
         stats.skipped = True
         return stats

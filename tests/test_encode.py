@@ -22,7 +22,7 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from bank import BankError
+from bank import Bank, BankError
 from bank.layout import side_dir
 from configlib import ConfigError
 from dreamteacher.resolve import resolve
@@ -267,3 +267,25 @@ def test_cli_help_and_missing_imagenet_root(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.chdir(ROOT)
     result = runner.invoke(main, ["encode", "encode.data=imagenet"])
     assert result.exit_code != 0 and "IMAGENET_ROOT" in result.output
+
+
+def test_a_long_path_gets_a_short_key_and_its_full_path_is_kept(assets: Path, tmp_path: Path) -> None:
+    deep = tmp_path / "images" / ("a-very-long-folder-name-" * 4) / ("and-another-" * 4)
+    deep.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(deep / "photo.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / "short.png")
+    bank = tmp_path / "long.zarr"
+    cfg = load_pipeline(
+        ROOT / "pipeline.yaml",
+        [*overrides(assets, bank, "encode.draws=1", "encode.flips=none", "bank.shard_rows=1"),
+         f"datasets.tiny.root={tmp_path / 'images'}"],
+    )  # fmt: skip
+    run_encode(cfg, use_dask=False, progress=False)
+    full = str((deep / "photo.png").relative_to(tmp_path / "images"))
+    assert len(full.encode()) > 64
+    keys = Bank.open(bank).keys(slice(None))
+    short = next(k for k in keys if k != "short.png")
+    assert len(short.encode()) <= 64 and short.startswith(full[:20]) and "~" in short
+    summary = json.loads((side_dir(bank) / "summary.json").read_text())
+    assert summary["long_keys"] == {short: full}

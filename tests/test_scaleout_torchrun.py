@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.processes import free_port, marked
+from processes import free_port, marked  # tests/ is on sys.path under pytest and when torchrun runs this file
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
