@@ -34,6 +34,24 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _LOAD = {"low_cpu_mem_usage": False}
 
 
+def decoder_taps(unet: Any) -> list[TapConfig]:
+    """The default taps of a diffusers UNet (pixel or latent): the input of ``up_blocks.{i}.upsamplers.0`` (each
+    decoder level's last resnet / attention output, before upsampling) for the four lowest-resolution levels, or the
+    block's output where a level has no upsampler. Strides written here are replaced by the measured ones."""
+    if len(unet.up_blocks) < 4:
+        raise ValueError(
+            f"the UNet has {len(unet.up_blocks)} decoder levels; the default taps need 4 "
+            "(set teachers.<name>.taps explicitly)"
+        )
+    taps = []
+    for i, stride in enumerate((32, 16, 8, 4)):
+        if unet.up_blocks[i].upsamplers is not None:
+            taps.append(TapConfig(module=f"up_blocks.{i}.upsamplers.0", point="input", stride=stride))
+        else:
+            taps.append(TapConfig(module=f"up_blocks.{i}", point="output", stride=stride))
+    return taps
+
+
 class DiffusersTeacher(Teacher):
     """Wraps a ``UNet2DModel`` and its DDPM noise schedule; converts the model's prediction type to epsilon."""
 
@@ -162,18 +180,7 @@ class DiffusersTeacher(Teacher):
         (:meth:`debug`), whose lowest decoder level is 4x4 at 32 px. Assumed strides would label that model's
         32x32 map "s4" and distill it into the student's 8x8 one.
         """
-        if len(self.unet.up_blocks) < 4:
-            raise ValueError(
-                f"the UNet has {len(self.unet.up_blocks)} decoder levels; the default taps need 4 "
-                "(set teachers.<name>.taps explicitly)"
-            )
-        taps = []
-        for i, stride in enumerate((32, 16, 8, 4)):
-            if self.unet.up_blocks[i].upsamplers is not None:
-                taps.append(TapConfig(module=f"up_blocks.{i}.upsamplers.0", point="input", stride=stride))
-            else:
-                taps.append(TapConfig(module=f"up_blocks.{i}", point="output", stride=stride))
-        return taps
+        return decoder_taps(self.unet)
 
     def identity(self) -> dict[str, Any]:
         config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.unet.config.items()}

@@ -29,7 +29,7 @@ from torch import nn
 
 from teachers.base import Teacher
 from teachers.config import TapConfig
-from teachers.diffusers_unet import _LOAD, PREDICTION_TYPES, _weight_files
+from teachers.diffusers_unet import _LOAD, PREDICTION_TYPES, _weight_files, decoder_taps
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
@@ -193,18 +193,7 @@ class LatentDiffusionTeacher(Teacher):
         """``up_blocks.{0,1,2}.upsamplers.0`` (input: each level's last resnet / attention output) and
         ``up_blocks.3`` (output; SD's last level has no upsampler), as for the pixel diffusers UNet. With
         ``vae_input_scale: 2`` on SD 1.x / 2.x they measure 32, 16, 8, 4 (1280x8x8 .. 320x64x64 at 256 px)."""
-        if len(self.unet.up_blocks) < 4:
-            raise ValueError(
-                f"the UNet has {len(self.unet.up_blocks)} decoder levels; the default taps need 4 "
-                "(set teachers.<name>.taps explicitly)"
-            )
-        taps = []
-        for i, stride in enumerate((32, 16, 8, 4)):
-            if self.unet.up_blocks[i].upsamplers is not None:
-                taps.append(TapConfig(module=f"up_blocks.{i}.upsamplers.0", point="input", stride=stride))
-            else:
-                taps.append(TapConfig(module=f"up_blocks.{i}", point="output", stride=stride))
-        return taps
+        return decoder_taps(self.unet)
 
     def identity(self) -> dict[str, Any]:
         def plain(config: Any) -> dict[str, Any]:
