@@ -7,6 +7,7 @@ also one that outlives its parent and is re-parented to init, so :func:`marked` 
 from __future__ import annotations
 
 import socket
+import time
 
 import psutil
 
@@ -30,3 +31,17 @@ def marked(marker: str) -> list[psutil.Process]:
         except (psutil.Error, OSError):
             continue
     return found
+
+
+def running(pid: int, wait_s: float = 10.0) -> bool:
+    """Whether ``pid`` still runs after up to ``wait_s`` seconds. A zombie (killed, not yet reaped: in a container
+    whose PID 1 does not reap, a killed grandchild stays one) does not run."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            alive = False
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.2)

@@ -37,7 +37,7 @@ from dreamteacher.resolve import resolve
 from dreamteacher.schema import load_pipeline
 from encode.pipeline import run_encode
 from encode.worker import clear_caches
-from tests.processes import free_port, marked
+from tests.processes import free_port, marked, running
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -277,7 +277,7 @@ def test_a_worker_killed_mid_run_loses_nothing(assets: Path, reference: Path, tm
                 os.killpg(encode.pid, signal.SIGKILL)
             encode.wait(timeout=30)
         assert cluster.procs["worker1"].wait(timeout=30) == -signal.SIGKILL  # the nanny died of the kill
-        assert not any(psutil.pid_exists(pid) for pid in victim)
+        assert not any(running(pid) for pid in victim)
         held = int(re.fullmatch(r"encode-shard-(\d+)-\w+", record.read_text())[1])
         output = (tmp_path / "encode.log").read_text()
         by_pid = shards_by_pid(output)
