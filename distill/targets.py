@@ -88,7 +88,7 @@ class TeacherTargets:
         provenance.check_weights(self.teacher.identity())
         self.device, self.levels, self.mode = device, levels, provenance.encoding.mode
         self.fresh, self.seed, self.draws = fresh, seed, bank.spec.draws
-        self._keys = bank.keys(slice(None)) if fresh else []
+        self._bank = bank
         self.epoch = 0
         """Set by the training loop at every epoch start (``set_epoch``)."""
 
@@ -100,9 +100,11 @@ class TeacherTargets:
         flips = [bool(f) for f in batch["flip"]]
         if not self.fresh:  # the stored draw: same seed and mirror rule as encode
             return [int(s) for s in batch["seed"]], flips
+        # the batch's keys only: a whole-bank key list would hold millions of strings at ImageNet scale
+        keys = self._bank.keys([int(row) for row in batch["row"]])
         seeds = [
-            fresh_seed(self.seed, self._keys[int(row)], self.epoch * self.draws + int(draw), int(flip))
-            for row, draw, flip in zip(batch["row"], batch["draw"], batch["flip"], strict=True)
+            fresh_seed(self.seed, key, self.epoch * self.draws + int(draw), int(flip))
+            for key, draw, flip in zip(keys, batch["draw"], batch["flip"], strict=True)
         ]
         return seeds, [False] * len(seeds)  # a fresh draw per view: nothing to mirror
 

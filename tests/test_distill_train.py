@@ -230,33 +230,29 @@ def test_cli_trains_without_subcommand(bank_path: Path, tmp_path: Path) -> None:
     assert (tmp_path / "cli" / "backbone.safetensors").is_file()
 
 
+def _torchrun_distill(bank_path: Path, tmp_path: Path, *overrides: str) -> None:
+    """``dreamteacher distill`` as 2 gloo ranks of one torchrun on CPU (small resnet18 recipe + ``overrides``)."""
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dreamteacher",
+        "distill", "--no-progress", "--config", str(REPO / "pipeline.yaml"), f"distill.bank={bank_path}",
+        f"distill.out={tmp_path}", "distill.student.name=resnet18", "distill.batch_size=8", "distill.num_workers=0",
+        "distill.regressor.channels=8", "distill.device=cpu", *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow  # two fresh Python processes import torch + timm
 def test_ddp_two_processes_cover_each_image_once(bank_path: Path, tmp_path: Path) -> None:
     # batch 8 over 2 ranks, 16 images: one epoch = 2 steps of 4 rows per rank
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "dreamteacher",
-        "distill",
-        "--no-progress",
-        "--config",
-        str(REPO / "pipeline.yaml"),
-        f"distill.bank={bank_path}",
-        f"distill.out={tmp_path}",
-        "distill.student.name=resnet18",
-        "distill.batch_size=8",
-        "distill.num_workers=0",
-        "distill.regressor.channels=8",
+    _torchrun_distill(
+        bank_path,
+        tmp_path,
         "distill.max_steps=2",
         "distill.exp=ddp",
         "distill.audit_rows=true",
-        "distill.device=cpu",
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    )
     per_rank = [
         [
             int(r)
@@ -624,31 +620,14 @@ def test_resumed_metrics_equal_an_uninterrupted_run(
 def test_ddp_trains_a_subset_of_levels(bank_path: Path, tmp_path: Path) -> None:
     # issue 18 item 8: with distill.levels a subset the regressor built the s4 output anyway; its parameters got
     # no gradient and DDP (no find_unused_parameters) failed on step 2. Only what the loss uses is built now.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "dreamteacher",
-        "distill",
-        "--no-progress",
-        "--config",
-        str(REPO / "pipeline.yaml"),
-        f"distill.bank={bank_path}",
-        f"distill.out={tmp_path}",
-        "distill.student.name=resnet18",
-        "distill.batch_size=8",
-        "distill.num_workers=0",
-        "distill.regressor.channels=8",
+    _torchrun_distill(
+        bank_path,
+        tmp_path,
         "distill.levels=[s8, s16, s32]",
         "distill.max_steps=3",
         "distill.log_every=1",
         "distill.exp=ddp-subset",
-        "distill.device=cpu",
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    )
     records = read_metrics(tmp_path / "ddp-subset" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     assert sorted(k for k in records[-1] if k.startswith("mse/")) == ["mse/s16", "mse/s32", "mse/s8"]
