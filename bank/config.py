@@ -25,7 +25,20 @@ class BankConfig:
     """Mantissa bits kept by the ``bitround`` codec."""
     int4_group: int = 8
     """Channels sharing one scale / offset in the ``int4`` codec (at most; near-equal consecutive groups)."""
+    pixels: Literal["rows", "image"] = "rows"
+    """rows: every row stores its view's input pixels. image: each image's pixels once (the unflipped view; a
+    flipped row's are mirrored when read): at the default 2 draws x 2 flips, 1/4 of the pixel bytes."""
+    pixel_compressor: Literal["none", "zstd", "blosc-lz4"] = "none"
+    """Lossless compressor of the pixels once per image (``pixels: image``); docs/encode.md has the ratios."""
 
     def __post_init__(self) -> None:
+        problems = []
         if self.int4_group < 1:
-            raise ValueError(f"int4_group={self.int4_group}: a group holds at least one channel")
+            problems.append(f"int4_group={self.int4_group}: a group holds at least one channel")
+        if self.pixel_compressor != "none" and self.pixels != "image":
+            problems.append(
+                f"pixel_compressor={self.pixel_compressor} compresses pixels stored once per image: set "
+                "bank.pixels=image (or pixel_compressor=none)"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.utils.data
 
@@ -53,11 +54,20 @@ class BankTrainSet(torch.utils.data.Dataset):
         return {**self.__dict__, "_bank": None}
 
     def __len__(self) -> int:
-        return self.spec.num_rows
+        """Views: the stored rows, twice over for a mirrored bank (its flipped views are read, not stored)."""
+        return self.spec.num_rows * (2 if self.spec.mirror else 1)
 
-    def __getitems__(self, rows: Sequence[int]) -> dict[str, Any]:
-        """A batch: ``image`` uint8 (B, 3, H, W), ``targets`` {level: {part: tensor}}, ``row``/``draw``/... (B,)."""
-        batch = self.bank.read_rows(list(rows), self.levels)
+    def __getitems__(self, views: Sequence[int]) -> dict[str, Any]:
+        """A batch: ``image`` uint8 (B, 3, H, W), ``targets`` {level: {part: tensor}}, ``row``/``draw``/... (B,)
+        and ``mirror`` (B,) bool: the targets still to mirror after decoding (``decode_targets`` does).
+
+        A view is a bank row, or for a mirrored bank ``2 * row + flip`` (``EpochSampler`` yields these); its
+        ``flip`` is the view's, its ``row`` the stored row."""
+        index = np.asarray(views, dtype=np.int64)
+        rows, mirror = (index // 2, index % 2 == 1) if self.spec.mirror else (index, None)
+        batch = self.bank.read_rows(rows, self.levels, mirror=mirror)
+        if mirror is not None:
+            batch["flip"] = mirror.astype(np.int64)
         return {
             "image": torch.from_numpy(batch["image"]),
             "targets": {
@@ -65,6 +75,7 @@ class BankTrainSet(torch.utils.data.Dataset):
                 for lv, parts in batch["targets"].items()
             },
             **{k: torch.from_numpy(batch[k]) for k in ("row", "source_index", "draw", "flip", "seed", "ok")},
+            "mirror": torch.from_numpy(np.zeros(len(index), bool) if mirror is None else mirror),
         }
 
     def __getitem__(self, row: int) -> dict[str, Any]:
@@ -98,12 +109,25 @@ def decode_targets(
     targets: dict[str, dict[str, torch.Tensor]],
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
+    *,
+    mirror: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Move each level's encoded payload to ``device`` (non-blocking from pinned memory), then decode there."""
+    """Move each level's encoded payload to ``device`` (non-blocking from pinned memory), then decode there.
+
+    ``mirror`` (B,) bool: rows whose decoded features are mirrored along W (a mirrored bank's flipped views):
+    one ``torch.where`` on the device, no host sync."""
     out = {}
+    flip_B111 = (
+        None
+        if mirror is None or not len(mirror)
+        else mirror.to(device, non_blocking=True)[:, None, None, None]
+    )
     for level, parts in targets.items():
         moved = {name: t.to(device, non_blocking=True) for name, t in parts.items()}
-        out[level] = _codec_for_parts(moved).decode(moved, dtype)  # (B, C, h, w)
+        feats_BCHW = _codec_for_parts(moved).decode(moved, dtype)
+        if flip_B111 is not None:
+            feats_BCHW = torch.where(flip_B111, feats_BCHW.flip(-1), feats_BCHW)
+        out[level] = feats_BCHW
     return out
 
 

@@ -221,6 +221,22 @@ class ArrayDef:
     sharded: bool
     level: str = ""
     part: str = ""
+    per_image: bool = False
+    """One entry per image, not per row (the pixels of ``BankSpec.pixels = "image"``)."""
+
+    def length(self, spec: BankSpec) -> int:
+        """Entries in the whole array (its first dimension)."""
+        return spec.num_images if self.per_image else spec.num_rows
+
+    def slots(self, spec: BankSpec) -> int:
+        """Entries per shard file (inner chunks of a sharded array, rows of a per-row array's chunk)."""
+        return spec.images_per_shard if self.per_image else spec.shard_rows
+
+    def compressor_name(self, spec: BankSpec) -> str:
+        """The lossless compressor of this array's chunks: the pixels' own when stored once per image."""
+        if not self.sharded:
+            return "none"
+        return spec.pixel_compressor if self.per_image else spec.compressor
 
     @property
     def row_nbytes(self) -> int:
@@ -235,7 +251,7 @@ def array_defs(spec: BankSpec) -> list[ArrayDef]:
     """All arrays of a bank, in a fixed order."""
     size = spec.image_size
     defs = [
-        ArrayDef("image", "uint8", (3, size, size), sharded=True),
+        ArrayDef("image", "uint8", (3, size, size), sharded=True, per_image=spec.pixels == "image"),
         ArrayDef("key", "uint8", (KEY_BYTES,), sharded=False),
         ArrayDef("source_index", "int64", (), sharded=False),
         ArrayDef("draw", "int64", (), sharded=False),
@@ -261,7 +277,7 @@ def array_defs(spec: BankSpec) -> list[ArrayDef]:
 
 def _byte_codecs(adef: ArrayDef, spec: BankSpec, format_version: int) -> list[Any]:
     """The bytes-to-bytes codecs of a chunk: the compressor (sharded arrays), then crc32c (version >= 2)."""
-    compressor = get_compressor(spec.compressor) if adef.sharded else None
+    compressor = get_compressor(adef.compressor_name(spec))
     codecs = [compressor.zarr_codec(np.dtype(adef.dtype).itemsize)] if compressor else []
     if has_chunk_checksums(format_version):
         codecs.append(zarr.codecs.Crc32cCodec())
@@ -272,14 +288,14 @@ def create_arrays(group: zarr.Group, spec: BankSpec, format_version: int = FORMA
     """Create every array at its final size (several writers never resize: zarr's ``resize`` races on
     ``zarr.json``)."""
     for adef in array_defs(spec):
-        shape = (spec.num_rows, *adef.row_shape)
+        shape = (adef.length(spec), *adef.row_shape)
         compressors = _byte_codecs(adef, spec, format_version) or None
         if adef.sharded:
             group.create_array(
                 adef.path,
                 shape=shape,
                 chunks=(1, *adef.row_shape),
-                shards=(spec.shard_rows, *adef.row_shape),
+                shards=(adef.slots(spec), *adef.row_shape),
                 dtype=adef.dtype,
                 compressors=compressors,
                 filters=None,
@@ -314,7 +330,7 @@ def check_arrays(root: Path, spec: BankSpec, format_version: int = FORMAT_VERSIO
         except FileNotFoundError:
             problems.append(f"array {adef.path} is missing (no {file})")
             continue
-        shape = (spec.num_rows, *adef.row_shape)
+        shape = (adef.length(spec), *adef.row_shape)
         try:
             dtype = np.dtype(meta["data_type"]) if isinstance(meta["data_type"], str) else None
             got_shape = tuple(meta["shape"])
@@ -847,9 +863,10 @@ class ShardFile:
                 out_bytes[slots[j]] = np.frombuffer(data, dtype=np.uint8)
 
     def _row(self, local: int) -> str:
+        what = "image" if self.adef.per_image else "row"
         if self.shard < 0:
-            return f"local row {local}"
-        return f"row {self.shard * self.shard_rows + local}"
+            return f"local {what} {local}"
+        return f"{what} {self.shard * self.shard_rows + local}"
 
     def _mis_sized(self, local: int, got: int, expected: int) -> None:
         raise BankError(
@@ -883,8 +900,6 @@ class ShardFileCache:
         self.root, self.spec = root, spec
         self.checksum, self.verify = checksum, verify
         self.capacity = shards_open * sum(1 for d in array_defs(spec) if d.sharded)
-        compressor = get_compressor(spec.compressor)
-        self._decoder_factory = compressor.chunk_decoder if compressor else None
         self._files: OrderedDict[tuple[str, int], ShardFile] = OrderedDict()
         self._pid = os.getpid()
 
@@ -896,12 +911,12 @@ class ShardFileCache:
         if key in self._files:
             self._files.move_to_end(key)
             return self._files[key]
-        decoder = self._decoder_factory() if self._decoder_factory else None
+        compressor = get_compressor(adef.compressor_name(self.spec))
         shard_file = ShardFile(
             adef.shard_file(self.root, shard),
             adef,
-            self.spec.shard_rows,
-            decoder,
+            adef.slots(self.spec),
+            compressor.chunk_decoder() if compressor else None,
             checksum=self.checksum,
             verify=self.verify,
             shard=shard,

@@ -193,9 +193,20 @@ class Bank:
         return [d for d in self._defs if d.sharded and (d.path == "image" or d.level in names)]
 
     # ---- the hot path --------------------------------------------------------------------------------------
-    def read_rows(self, rows: Sequence[int] | slice, levels: list[str] | None = None) -> dict[str, Any]:
+    def read_rows(
+        self,
+        rows: Sequence[int] | slice,
+        levels: list[str] | None = None,
+        *,
+        mirror: np.ndarray | None = None,
+    ) -> dict[str, Any]:
         """Rows as numpy: ``image`` uint8 (n, 3, H, W), ``targets`` {level: {part: encoded array}} (NOT decoded),
         ``row``, ``source_index``, ``draw``, ``flip``, ``seed``, ``ok`` (n,).
+
+        ``image`` is each row's view: a flipped row's pixels are mirrored whether the bank stores them so
+        (``pixels: rows``) or once per image. ``mirror`` (n,) bool: rows whose pixels are mirrored on top (the
+        flipped view of a mirrored bank, ``spec.mirror``); their targets are NOT mirrored here (they are encoded:
+        the caller mirrors them after decoding, on the device: ``bank.dataset.decode_targets``).
 
         The image and target arrays are views into one batch buffer from a small per-bank pool; a buffer is
         reused only once no view of it (nor a tensor made from one) is alive, so a returned batch is never
@@ -210,16 +221,19 @@ class Bank:
             for d, start in zip(defs, starts, strict=True)
         }
         # 2. rows grouped by shard; each (array, shard) reads its rows straight into their batch slots
-        shard_of = index // self.spec.shard_rows
+        spec = self.spec
+        shard_of = index // spec.shard_rows
         order = np.argsort(shard_of, kind="stable")
         bounds = np.flatnonzero(np.diff(shard_of[order])) + 1
         for group in np.split(order, bounds) if n else []:
             shard = int(shard_of[group[0]])
             if shard not in self.markers:
                 raise BankError(f"{self.path}: rows of shard {shard} requested but the shard is not written")
-            local = index[group] - shard * self.spec.shard_rows
+            local = index[group] - shard * spec.shard_rows
+            local_image = local // spec.views_per_image  # pixels stored once per image
             for d in defs:
-                self._files.get(d, shard).read_into(local, segments[d.path], group)
+                entries = local_image if d.per_image else local
+                self._files.get(d, shard).read_into(entries, segments[d.path], group)
         # 3. typed views: image (n, 3, H, W), targets {level: {part: (n, *part_shape)}}
         out: dict[str, Any] = {"targets": {}}
         for d in defs:
@@ -231,6 +245,13 @@ class Bank:
         out["row"] = index
         for name, values in self.row_meta.items():
             out[name] = values[index]
+        # 4. views the stored pixels do not hold as such: flipped rows of pixels once per image, mirrored views
+        if "image" in out:
+            to_mirror = np.zeros(n, bool) if mirror is None else np.asarray(mirror, bool).reshape(n)
+            if spec.pixels == "image":
+                to_mirror ^= out["flip"] == 1
+            if to_mirror.any():
+                out["image"][to_mirror] = out["image"][to_mirror][..., ::-1]
         return out
 
     def _batch_layout(self, levels: list[str] | None) -> tuple[list[ArrayDef], list[int], int]:

@@ -11,7 +11,8 @@ from bank.spec import BankError, BankSpec
 
 
 class EpochSampler(torch.utils.data.Sampler[list[int]]):
-    """Yields batches (lists of bank rows) for one rank.
+    """Yields batches (lists of bank views) for one rank: bank rows, or ``2 * row + flip`` for a mirrored bank
+    (``spec.mirror``: its flipped views are the stored rows read mirrored; ``BankTrainSet`` reads either).
 
     Each epoch visits every OK image once across all ranks (ranks disjoint), choosing per image and epoch one of
     the K draws (``draw="random"``; ``"first"`` = draw 0) and one of the flip views (``flip="random"``; ``"none"``
@@ -85,7 +86,7 @@ class EpochSampler(torch.utils.data.Sampler[list[int]]):
             if self.draw == "random"
             else np.zeros(spec.num_images, int)
         )
-        random_flip = self.flip == "random" and spec.flips == 2
+        random_flip = self.flip == "random" and spec.read_flips == 2
         flips = rng.integers(2, size=spec.num_images) if random_flip else np.zeros(spec.num_images, int)
         # 2. block shuffle: permute shards, then images within windows of consecutive shards
         order = self.images
@@ -100,6 +101,8 @@ class EpochSampler(torch.utils.data.Sampler[list[int]]):
         total = per_rank * self.world_size
         order = np.resize(order, total)
         mine = order[self.rank * per_rank : (self.rank + 1) * per_rank]
+        if spec.mirror:
+            return (mine * spec.draws + draws[mine]) * 2 + flips[mine]
         return (mine * spec.draws + draws[mine]) * spec.flips + flips[mine]
 
     def __iter__(self):

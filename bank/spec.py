@@ -9,15 +9,22 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped on any change to the on-disk layout; readers refuse versions they do not know.
 
 1: the first layout (side files inside the group, no per-chunk checksum). 2: every chunk ends with its crc32c
-(zarr's ``crc32c`` codec) and the side files live in the sibling folder ``<bank>.side``."""
+(zarr's ``crc32c`` codec) and the side files live in the sibling folder ``<bank>.side``. 3: the compact-bank
+options (:attr:`BankSpec.pixels` = ``image``, mirrored flips, mean-of-K rows). A bank that uses none of them is
+written as version 2 (:meth:`BankSpec.format_version`), byte for byte what version 2 writers wrote, so readers
+that know only version 2 keep reading it and refuse exactly the banks they cannot read."""
 
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+
+PIXEL_LAYOUTS = ("rows", "image")
+"""``rows``: every row stores its view's pixels (flipped rows flipped). ``image``: each image's pixels once, the
+unflipped view; a flipped row's pixels are mirrored when read."""
 
 KEY_BYTES = 64
 """Image keys are stored as fixed-width UTF-8 in a ``uint8 (rows, KEY_BYTES)`` array, NUL padded.
@@ -76,6 +83,27 @@ class BankSpec:
     int4_group: int = 8
     """Channels per scale / offset group of levels whose codec is ``int4``. In the fingerprint only when a level
     uses ``int4``, so banks made before the codec existed keep theirs."""
+    mean_of: int = 1
+    """Each row holds the mean of this many noise draws of its view (``encode.store=mean``); 1 = a single draw.
+    The mean of K draws is an unbiased, lower-variance estimate of the teacher's expected feature (the optimum of
+    the MSE loss) in 1/K of the rows."""
+    mirror: bool = False
+    """The bank stores only the unflipped view (``flips`` = 1) and the flipped view is read as the mirror of the
+    stored features and pixels (``encode.flips=mirror``): exact only for a flip-equivariant teacher
+    (``dreamteacher teacher diagnose`` measures how far a teacher is from it)."""
+    pixels: str = "rows"
+    """Where the input pixels live: one of :data:`PIXEL_LAYOUTS`."""
+    pixel_compressor: str = "none"
+    """Lossless compressor of the pixels (``pixels`` = ``image`` only): ``none``, ``zstd``, ``blosc-lz4``."""
+
+    # the fields added after format version 2, left out of the fingerprint at their defaults so older banks keep
+    # their fingerprints (and their bytes)
+    _V3_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "mean_of": 1,
+        "mirror": False,
+        "pixels": "rows",
+        "pixel_compressor": "none",
+    }
 
     def __post_init__(self) -> None:
         self.levels = [lv if isinstance(lv, LevelSpec) else LevelSpec(**lv) for lv in self.levels]
@@ -88,6 +116,14 @@ class BankSpec:
             problems.append(f"flips={self.flips}; must be 1 (image only) or 2 (image and mirror)")
         if self.draws < 1 or self.num_images < 0 or self.image_size < 1:
             problems.append(f"draws={self.draws}, num_images={self.num_images}, image_size={self.image_size}")
+        if self.mean_of < 1 or (self.mean_of > 1 and self.draws != 1):
+            problems.append(f"mean_of={self.mean_of} (>= 1; a bank of means holds one row per view, draws=1)")
+        if self.mirror and self.flips != 1:
+            problems.append("mirror=True stores the unflipped view only: flips must be 1")
+        if self.pixels not in PIXEL_LAYOUTS:
+            problems.append(f"pixels={self.pixels!r}; valid: {', '.join(PIXEL_LAYOUTS)}")
+        if self.pixel_compressor != "none" and self.pixels != "image":
+            problems.append("pixel_compressor applies to pixels='image' only")
         if self.shard_rows < 1 or self.shard_rows % self.views_per_image:
             problems.append(
                 f"shard_rows={self.shard_rows} must be a positive multiple of draws x flips = "
@@ -103,7 +139,17 @@ class BankSpec:
     # ---- row layout ----------------------------------------------------------------------------------------
     @property
     def views_per_image(self) -> int:
+        """Stored rows per image (a mirrored bank's flipped view is not stored)."""
         return self.draws * self.flips
+
+    @property
+    def read_flips(self) -> int:
+        """Flip views a reader can serve per stored row's image: 2 when stored or mirrored."""
+        return 2 if self.mirror else self.flips
+
+    def format_version(self) -> int:
+        """The oldest format that can hold this bank: 3 when it uses an option added in 3, else 2."""
+        return 3 if any(getattr(self, k) != v for k, v in self._V3_DEFAULTS.items()) else 2
 
     @property
     def num_rows(self) -> int:
@@ -147,6 +193,9 @@ class BankSpec:
         data = dataclasses.asdict(self)
         if not any(lv.codec == "int4" for lv in self.levels):
             del data["int4_group"]
+        for key, default in self._V3_DEFAULTS.items():
+            if data[key] == default:
+                del data[key]
         return data
 
     @classmethod

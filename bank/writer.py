@@ -65,7 +65,6 @@ from bank.layout import (
     write_shard_file,
 )
 from bank.spec import (
-    FORMAT_VERSION,
     ROW_ARRAYS,
     SUPPORTED_FORMAT_VERSIONS,
     BankError,
@@ -131,8 +130,11 @@ def spec_from_config(
     flips: int,
     image_size: int,
     attributes: dict[str, Any],
+    mean_of: int = 1,
+    mirror: bool = False,
 ) -> BankSpec:
-    """A :class:`BankSpec` whose shard size, codecs and compressor come from ``cfg``.
+    """A :class:`BankSpec` whose shard size, codecs, compressor and pixel layout come from ``cfg``; ``mean_of``
+    and ``mirror`` are the encode settings of the rows (``encode.store=mean``, ``encode.flips=mirror``).
 
     ``levels``: dicts with name, stride, channels, height, width (e.g. ``TapInfo.as_dict()``; extra keys ignored).
     """
@@ -163,6 +165,10 @@ def spec_from_config(
         compressor=cfg.compressor,
         bitround_keepbits=cfg.bitround_keepbits,
         int4_group=cfg.int4_group,
+        mean_of=mean_of,
+        mirror=mirror,
+        pixels=cfg.pixels,
+        pixel_compressor=cfg.pixel_compressor,
     )
 
 
@@ -203,11 +209,10 @@ class BankWriter:
         self.checksum = has_chunk_checksums(self.format_version)
         self.side = side_dir_for(self.path, self.format_version)
         self.arrays = {adef.path: adef for adef in array_defs(spec)}
-        compressor = get_compressor(spec.compressor)
         self._chunk_encoders = {
             adef.path: compressor.chunk_encoder(np.dtype(adef.dtype).itemsize)
             for adef in self.arrays.values()
-            if compressor and adef.sharded
+            if (compressor := get_compressor(adef.compressor_name(spec))) is not None
         }
         self.codecs = {lv.name: codec_for(lv.codec, spec) for lv in spec.levels}
 
@@ -220,20 +225,25 @@ class BankWriter:
         cfg: BankConfig,
         *,
         overwrite: bool = False,
-        format_version: int = FORMAT_VERSION,
+        format_version: int | None = None,
     ) -> BankWriter:
         """New bank (all arrays at final size), or the existing one with the same fingerprint, opened to resume.
 
         Safe to call from several processes at once: exactly one creates the bank, the others open it (or, with
         other settings, get a :class:`BankError` listing the differences). ``overwrite`` replaces only a bank
         that existed before this call, never one a concurrent call has just created. Orphaned
-        ``.<bank>.creating-*`` folders of crashed creators are removed (and logged). ``format_version`` other
-        than the current one is for compatibility tests only.
+        ``.<bank>.creating-*`` folders of crashed creators are removed (and logged). ``format_version``: None
+        = the oldest format that holds ``spec`` (:meth:`BankSpec.format_version`); others are for compatibility
+        tests only.
         """
         path = Path(path)
         _check_spec_matches_config(spec, cfg)
-        if format_version not in SUPPORTED_FORMAT_VERSIONS:
-            raise BankError(f"format_version={format_version}; supported: {SUPPORTED_FORMAT_VERSIONS}")
+        format_version = spec.format_version() if format_version is None else format_version
+        if format_version not in SUPPORTED_FORMAT_VERSIONS or format_version < spec.format_version() == 3:
+            raise BankError(
+                f"format_version={format_version}; supported: {SUPPORTED_FORMAT_VERSIONS} (this bank's "
+                f"settings need {spec.format_version()})"
+            )
         for message in clean_orphans(path):
             log.warning("%s", message)
         may_overwrite, raced = overwrite, False
@@ -451,7 +461,10 @@ class BankWriter:
                 files |= self._write_sharded(
                     shard, feature_array_name(level.name, part), values.cpu().numpy(), batch
                 )
-        files |= self._write_sharded(shard, "image", rows.images_u8, batch)
+        pixels = rows.images_u8
+        if self.arrays["image"].per_image:  # once per image: its first row, the unflipped view of draw 0
+            pixels = pixels[:: self.spec.views_per_image]
+        files |= self._write_sharded(shard, "image", pixels, batch)
         # the per-row arrays: one uncompressed chunk per shard
         per_row = {"key": encode_keys(rows.keys)} | {name: getattr(rows, name) for name in ROW_ARRAYS}
         for name, values in per_row.items():
@@ -481,7 +494,7 @@ class BankWriter:
         remove_stale_tmp(file)
         return {
             str(file.relative_to(self.path)): write_shard_file(
-                file, chunks, nbytes, self.spec.shard_rows, checksum=self.checksum, batch=batch
+                file, chunks, nbytes, adef.slots(self.spec), checksum=self.checksum, batch=batch
             )
         }
 
@@ -786,6 +799,8 @@ def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
         "shard_rows": cfg.shard_rows,
         "compressor": cfg.compressor,
         "bitround_keepbits": cfg.bitround_keepbits,
+        "pixels": cfg.pixels,
+        "pixel_compressor": cfg.pixel_compressor,
         **{f"levels.{lv.name}.codec": cfg.level_codecs.get(lv.name, cfg.codec) for lv in spec.levels},
     }
     if any(lv.codec == "int4" for lv in spec.levels):
@@ -794,6 +809,8 @@ def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
         "shard_rows": spec.shard_rows,
         "compressor": spec.compressor,
         "bitround_keepbits": spec.bitround_keepbits,
+        "pixels": spec.pixels,
+        "pixel_compressor": spec.pixel_compressor,
         **{f"levels.{lv.name}.codec": lv.codec for lv in spec.levels},
     }
     if any(lv.codec == "int4" for lv in spec.levels):

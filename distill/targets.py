@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class BankTargets:
-    """Decode the bank payload of a batch after the host->device copy (int8 travels, float32 arrives)."""
+    """Decode the bank payload of a batch after the host->device copy (int8 travels, float32 arrives); the
+    flipped views of a mirrored bank (``batch["mirror"]``) are mirrored there too."""
 
     def __init__(self, device: torch.device, levels: list[str]) -> None:
         self.device, self.levels = device, levels
@@ -39,7 +40,7 @@ class BankTargets:
         from bank import decode_targets
 
         payload = {name: batch["targets"][name] for name in self.levels}
-        return decode_targets(payload, self.device)
+        return decode_targets(payload, self.device, mirror=batch.get("mirror"))
 
 
 def fresh_seed(global_seed: int, key: str, visit: int, flip: int) -> int:
@@ -75,6 +76,14 @@ class TeacherTargets:
         provenance = Provenance.from_dict(bank.spec.attributes)
         name = provenance.teacher_name
         source = "online" if fresh else "replay"
+        if not fresh and (bank.spec.mean_of > 1 or bank.spec.mirror):
+            what = (
+                f"means of {bank.spec.mean_of} draws" if bank.spec.mean_of > 1 else "mirrored flipped views"
+            )
+            raise ValueError(
+                f"distill.targets=replay re-computes a bank's stored draws, and {bank.path} holds {what}; "
+                "use distill.targets=bank (its rows) or online (fresh draws)"
+            )
         if name not in teachers:
             raise ValueError(
                 f"distill.targets={source}: the bank was encoded by teacher {name!r}, which is not in the config's "

@@ -69,9 +69,14 @@ class EncodeConfig:
     ddim_steps: int = 10
     """DDIM inversion steps from 0 to T (mode=ddim)."""
     draws: int = 2
-    """Stochastic draws stored per image (each a bank row)."""
-    flips: Literal["none", "both"] = "both"
-    """both: also store the mirrored image's features (the paper's only augmentation)."""
+    """Stochastic draws K per image and flip view: each a bank row (``store: draws``) or averaged into one."""
+    store: Literal["draws", "mean"] = "draws"
+    """draws: one row per draw. mean: one row per (image, flip) holding the mean of the K draws, the MSE
+    optimum's unbiased estimate in 1/K of the space (docs/cache-cost.md measures what it is worth)."""
+    flips: Literal["none", "both", "mirror"] = "both"
+    """both: also store the mirrored image's features (the paper's only augmentation). mirror: store the
+    unflipped view only and read the flipped one as its mirror (half the space; as good as the teacher is
+    flip-equivariant: ``dreamteacher teacher diagnose``). none: no flipped view."""
     seed: int = 0
     """Global seed; a row's noise seed is derived from (seed, image key, draw)."""
     resolution: int = 0

@@ -128,6 +128,8 @@ def plan_encode(inputs: EncodeInputs, *, use_dask: bool = True) -> EncodePlan:
         flips=settings.flips,
         image_size=resolution,
         attributes=provenance.to_dict(),
+        mean_of=settings.mean_of,
+        mirror=settings.mirror,
     )
     measured = dataclasses.replace(inputs, encode=dataclasses.replace(enc, resolution=resolution))
     return EncodePlan(inputs=measured, records=records, settings=settings, spec=spec)

@@ -49,16 +49,32 @@ class EncodeSettings:
 
     @property
     def draws(self) -> int:
-        return self.encode.draws
+        """Draws stored per image and flip: K, or 1 for a bank of means."""
+        return 1 if self.mean_of > 1 else self.encode.draws
+
+    @property
+    def mean_of(self) -> int:
+        """Draws averaged into each row (``encode.store=mean``); 1 = rows are single draws."""
+        return self.encode.draws if self.encode.store == "mean" else 1
 
     @property
     def flips(self) -> int:
-        """1: image only; 2: image and mirror."""
+        """Flip views stored: 2 (image and mirror) or 1 (image only; ``mirror`` reads the flipped one)."""
         return 2 if self.encode.flips == "both" else 1
 
     @property
+    def mirror(self) -> bool:
+        return self.encode.flips == "mirror"
+
+    @property
     def views_per_image(self) -> int:
+        """Bank rows per image."""
         return self.draws * self.flips
+
+    @property
+    def passes_per_image(self) -> int:
+        """Teacher views per image: every draw of every stored flip view (K x flips, also for a bank of means)."""
+        return self.encode.draws * self.flips
 
     @property
     def encoding(self) -> Encoding:
@@ -228,13 +244,19 @@ def _encode_claimed_shard(
     draw = np.tile(np.repeat(np.arange(settings.draws), settings.flips), len(task.records))
     flip = np.tile(np.arange(settings.flips), len(task.records) * settings.draws)
     keys = [task.records[i].key for i in local_image]
+    # a row of means records the seed of its first draw (the others: row_seed(seed, key, d), d < mean_of)
     seed = np.array(
         [row_seed(settings.encode.seed, k, int(d)) for k, d in zip(keys, draw, strict=True)], dtype=np.int64
     )
     ok = np.zeros(n_rows, bool)
+    # the teacher's views of one image, (draw, flip) with flip fastest: P = K x flips (= the rows, unless the
+    # K draws of a view are averaged into one row)
+    passes, mean_of = settings.passes_per_image, settings.mean_of
+    pass_draw = np.repeat(np.arange(settings.encode.draws), settings.flips)
+    pass_flip = np.tile(np.arange(settings.flips), settings.encode.draws)
 
     # 3. Decode in the process's worker pool (prefetching) while this thread feeds the teacher.
-    images_per_batch = max(1, settings.encode.batch_size // views)
+    images_per_batch = max(1, settings.encode.batch_size // passes)
     decoder = get_decoder(_loader_workers(settings.encode.num_workers), settings.encode.prefetch_factor)
     for batch in decoder.batches(task.records, res, images_per_batch, pin_memory=device.type == "cuda"):
         # 3a. Rejected images: recorded, rows stay zero.
@@ -244,17 +266,25 @@ def _encode_claimed_shard(
         good_idx = batch["index"][batch["ok"]]  # shard-local image indices
         if len(good_idx) == 0:
             continue
-        # 3b. Views of each good image in bank row order: (image, draw, flip), flip fastest.
-        row_idx_V = (good_idx[:, None] * views + torch.arange(views)[None, :]).reshape(-1)
+        # 3b. The teacher's views of each good image, (image, draw, flip) with flip fastest: the bank rows' order
+        #     (a bank of means: the K draws of a row are consecutive within its image).
+        n_good = len(good_idx)
+        pass_draw_V = np.tile(pass_draw, n_good)
+        flip_V = torch.from_numpy(np.tile(pass_flip, n_good)).bool()
         src_u8_BCHW = batch["image_u8"][batch["ok"]]
-        views_u8_VCHW = src_u8_BCHW.repeat_interleave(views, dim=0)
-        flip_V = torch.from_numpy(flip[row_idx_V.numpy()]).bool()
+        views_u8_VCHW = src_u8_BCHW.repeat_interleave(passes, dim=0)
         views_u8_VCHW[flip_V] = views_u8_VCHW[flip_V].flip(-1)
-        images_u8[row_idx_V.numpy()] = views_u8_VCHW.numpy()
-        # 3c. Noise from per-row seeds on CPU (device-independent), mirrored for flipped rows.
+        row_idx_R = (good_idx[:, None] * views + torch.arange(views)[None, :]).reshape(-1)
+        first_of_row = np.flatnonzero(pass_draw_V < (1 if mean_of > 1 else settings.encode.draws))
+        images_u8[row_idx_R.numpy()] = views_u8_VCHW[first_of_row].numpy()
+        # 3c. Noise from per-draw seeds on CPU (device-independent), mirrored for flipped views.
         eps_VCHW = None
         if settings.encode.mode == "noise":
-            eps_VCHW = make_noise(seed[row_idx_V.numpy()].tolist(), flip_V.tolist(), encoder.noise_shape)
+            keys_V = [task.records[i].key for i in np.repeat(good_idx.numpy(), passes)]
+            seeds_V = [
+                row_seed(settings.encode.seed, k, int(d)) for k, d in zip(keys_V, pass_draw_V, strict=True)
+            ]
+            eps_VCHW = make_noise(seeds_V, flip_V.tolist(), encoder.noise_shape)
         # 3d. One teacher read-out, serialised with the other task threads of this process.
         x0_VCHW = to_model_range(views_u8_VCHW.to(device, non_blocking=True))
         #     No synchronize: on CUDA the kernels are queued and this thread runs ahead to the next batch.
@@ -262,11 +292,16 @@ def _encode_claimed_shard(
             t0 = time.perf_counter()
             feats = encoder(x0_VCHW, None if eps_VCHW is None else eps_VCHW.to(device, non_blocking=True))
             stats.teacher_seconds += time.perf_counter() - t0
-        # 3e. Scatter into the shard buffers.
-        rows_dev = row_idx_V.to(device)
+        # 3e. Scatter into the shard buffers (a bank of means: the mean over each row's K draws, a fixed-order
+        #     reduction, so the bytes do not depend on the device's scheduling).
+        rows_dev = row_idx_R.to(device)
         for name, feats_VChw in feats.items():
-            features[name].index_copy_(0, rows_dev, feats_VChw.float())
-        ok[row_idx_V.numpy()] = True
+            feats_RChw = feats_VChw.float()
+            if mean_of > 1:
+                per_image = feats_RChw.reshape(n_good, mean_of, settings.flips, *feats_RChw.shape[1:])
+                feats_RChw = per_image.mean(dim=1).reshape(n_good * settings.flips, *feats_RChw.shape[1:])
+            features[name].index_copy_(0, rows_dev, feats_RChw)
+        ok[row_idx_R.numpy()] = True
 
     # 4. Hand the whole shard to the bank (codecs, write, done marker last), outside the compute lock.
     shard_rows = ShardRows(

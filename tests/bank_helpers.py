@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from bank.config import BankConfig
-from bank.spec import FORMAT_VERSION, BankSpec
+from bank.spec import BankSpec
 from bank.writer import BankWriter, ShardRows, spec_from_config
 
 LEVELS = [
@@ -64,7 +64,7 @@ def shard_rows(spec: BankSpec, shard: int, rejected_images: tuple[int, ...] = ()
 
 
 def write_bank(
-    path: Path, cfg: BankConfig | None = None, *, format_version: int = FORMAT_VERSION, **spec_kw
+    path: Path, cfg: BankConfig | None = None, *, format_version: int | None = None, **spec_kw
 ) -> BankSpec:
     """A complete bank; ``format_version=1`` writes the old layout (no per-chunk checksums, side files in the
     group), the fixture for "old banks still open"."""

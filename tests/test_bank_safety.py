@@ -104,7 +104,11 @@ def test_the_writer_records_the_crc32c_codec_in_every_array(tmp_path):
     path = tmp_path / "b.zarr"
     spec = write_bank(path)
     meta = json.loads((path / "zarr.json").read_text())["attributes"]["dreamteacher_bank"]
-    assert meta["format_version"] == FORMAT_VERSION == 2 and len(meta["bank_id"]) == 32
+    assert (
+        meta["format_version"] == spec.format_version() == 2
+        and FORMAT_VERSION == 3
+        and len(meta["bank_id"]) == 32
+    )
     for adef in array_defs(spec):
         codecs = json.loads((path / adef.path / "zarr.json").read_text())["codecs"]
         if adef.sharded:
