@@ -77,17 +77,22 @@ class EpochSampler(torch.utils.data.Sampler[list[int]]):
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
-        """This rank's rows for ``epoch``, in order (before batching)."""
+        """This rank's rows for ``epoch``, in order (before batching).
+
+        The image order and the view choice come from two separate streams of (seed, epoch), so banks that differ
+        only in their views (draws, mean rows, mirrored flips) visit the images in the same order: the cache-cost
+        study's variants are paired by seed (same student init, same data order)."""
         spec = self.spec
         rng = np.random.default_rng([self.seed, epoch])
+        view_rng = np.random.default_rng([self.seed, epoch, 1])
         # 1. per-image view choice (same on every rank: drawn for all images in index order)
         draws = (
-            rng.integers(spec.draws, size=spec.num_images)
+            view_rng.integers(spec.draws, size=spec.num_images)
             if self.draw == "random"
             else np.zeros(spec.num_images, int)
         )
         random_flip = self.flip == "random" and spec.read_flips == 2
-        flips = rng.integers(2, size=spec.num_images) if random_flip else np.zeros(spec.num_images, int)
+        flips = view_rng.integers(2, size=spec.num_images) if random_flip else np.zeros(spec.num_images, int)
         # 2. block shuffle: permute shards, then images within windows of consecutive shards
         order = self.images
         if self.shuffle:

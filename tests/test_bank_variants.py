@@ -169,3 +169,23 @@ def test_compressed_pixels_need_pixels_once_per_image(scenes, tmp_path) -> None:
         and "set bank.pixels=image" in result.output
         and "Traceback" not in result.output
     )
+
+
+def test_banks_that_differ_only_in_their_views_visit_images_in_the_same_order() -> None:
+    """The study pairs its variants by seed: K draws, means and mirrored flips must not change the data order
+    (at the same images per shard: the block shuffle permutes shards)."""
+    from bank.spec import BankSpec, LevelSpec
+
+    def spec(**kw) -> BankSpec:
+        level = LevelSpec(name="s8", stride=8, channels=2, height=2, width=2, codec="fp16")
+        rows = 4 * kw["draws"] * kw["flips"]
+        return BankSpec(levels=[level], num_images=40, shard_rows=rows, image_size=16, **kw)
+
+    orders = []
+    for kw in ({"draws": 1, "flips": 2}, {"draws": 8, "flips": 2}, {"draws": 1, "flips": 1, "mirror": True},
+               {"draws": 1, "flips": 2, "mean_of": 8}, {"draws": 4, "flips": 1}):  # fmt: skip
+        s = spec(**kw)
+        views = EpochSampler(s, 4, seed=3).epoch_rows(2)
+        per_image = s.views_per_image * (2 if s.mirror else 1)
+        orders.append((views // per_image).tolist())
+    assert all(order == orders[0] for order in orders) and sorted(orders[0]) == list(range(40))
