@@ -32,7 +32,7 @@ TORCHRUN_ARGS = $(if $(filter 1,$(NNODES)),--standalone --nproc_per_node=$(GPUS)
 opt = $(if $(2),$(1)=$(2))
 
 .PHONY: venv demo test test-all lint format teacher encode distill finetune bank-info bank-verify \
-        bench-encode bench-bank bench-distill clean
+        bench-encode bench-bank bench-distill study clean
 
 venv: $(STAMP)
 
@@ -99,6 +99,10 @@ bench-bank: $(STAMP)
 
 bench-distill: $(STAMP)
 	$(PY) benchmarks/bench_distill.py $(ARGS)
+
+# The cache-cost study (docs/cache-cost.md): about an hour on 2 CPU cores; ARGS=--quick for the ~10-minute grid.
+study: $(STAMP)
+	$(PY) benchmarks/study_cache_cost.py $(ARGS)
 
 clean:
 	rm -rf data banks runs .pytest_cache
