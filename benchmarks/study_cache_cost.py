@@ -73,6 +73,11 @@ VARIANTS = {
         Variant("fp8", "K=1 fp8", ("encode.draws=1", "bank.codec=fp8")),
         Variant("int4", "K=1 int4", ("encode.draws=1", "bank.codec=int4")),
         Variant(
+            "int4-once",
+            "K=1 int4, pixels once (zstd)",
+            ("encode.draws=1", "bank.codec=int4", "bank.pixels=image", "bank.pixel_compressor=zstd"),
+        ),
+        Variant(
             "compact",
             "mean of 4, int4, pixels once (zstd)",
             (
@@ -119,6 +124,9 @@ GRIDS = {
                  variants=tuple(VARIANTS)),
     "quick": Grid(images=200, heldout=16, eval_draws=8, seeds=(0, 1), distill_steps=80, finetune_iters=60,
                   variants=("online", "k1", "k4", "mean4", "mirror", "int4", "compact")),
+    # seconds on a CPU: the whole script on toy sizes (tests/test_study.py)
+    "debug": Grid(images=8, heldout=2, eval_draws=2, seeds=(0, 1), distill_steps=2, finetune_iters=2,
+                  variants=("online", "k1", "mean4", "mirror"), images_per_shard=4),
 }  # fmt: skip
 FINDINGS_MARKER = "<!-- findings: written by hand below this line; the study script keeps them when it rewrites the file -->"
 
@@ -530,7 +538,12 @@ def format_level_table(rows: list[dict[str, Any]], plan: StudyPlan, grid: Grid) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="the ~10-minute grid (fewer variants, seeds, steps)"
+        "--grid", choices=list(GRIDS), default="full", help="full (~1 h), quick (~10 min), debug"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the ~10-minute grid (fewer variants, seeds, steps): --grid quick",
     )
     parser.add_argument("--config", default=str(REPO / "pipeline.yaml"))
     parser.add_argument("--out", default="", help="default runs/study/<grid>")
@@ -546,7 +559,7 @@ def main() -> None:
     import torch
 
     started = time.perf_counter()
-    grid_name = "quick" if args.quick else "full"
+    grid_name = "quick" if args.quick else args.grid
     grid = GRIDS[grid_name]
     out = Path(args.out or f"runs/study/{grid_name}").resolve()
     report = Path(args.report) if args.report else (REPO / "docs" / "cache-cost.md" if grid_name == "full"
@@ -576,7 +589,7 @@ def main() -> None:
     timings["total"] = time.perf_counter() - started
     # 3. table, plot, report, results.json
     rows = summarise(plan, banks, results)
-    command = "make study" + (" ARGS=--quick" if args.quick else "")
+    command = "make study" + ("" if grid_name == "full" else f" ARGS=--grid={grid_name}")
     report.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, report.with_suffix(".png"))
     write_report(report, grid_name, plan, rows, timings, command)

@@ -45,7 +45,16 @@ def info(path: str, as_json: bool) -> None:
         f"rows        {spec.num_rows} = {spec.num_images} images x {spec.draws} draws x {spec.flips} flips; "
         f"{len(b.markers)}/{spec.num_shards} shards written ({spec.shard_rows} rows each), {int(b.ok.sum())} rows OK"
     )
-    click.echo(f"input       uint8 3x{spec.image_size}x{spec.image_size}; compressor {spec.compressor}")
+    if spec.mean_of > 1 or spec.mirror:
+        views = [f"each row the mean of {spec.mean_of} draws"] if spec.mean_of > 1 else []
+        views += ["flipped view read as the mirror of the stored row"] if spec.mirror else []
+        click.echo(f"views       {'; '.join(views)}")
+    pixels = "once per image" if spec.pixels == "image" else "in every row"
+    pixel_compressor = f", pixels {spec.pixel_compressor}" if spec.pixels == "image" else ""
+    click.echo(
+        f"input       uint8 3x{spec.image_size}x{spec.image_size} {pixels}; compressor {spec.compressor}"
+        f"{pixel_compressor}"
+    )
     total = 0
     for level in spec.levels:
         nbytes = sum(d.row_nbytes for d in b.array_defs([level.name]) if d.level == level.name)
