@@ -298,7 +298,13 @@ class BankWriter:
             _remove_bank(path)
             return None
         if existing.fingerprint() == spec.fingerprint():
-            writer = cls(path, spec)
+            try:
+                writer = cls(path, spec)
+            except BankError:  # e.g. a projection basis that no longer matches its sha256
+                if not overwrite:
+                    raise
+                _remove_bank(path)
+                return None
             check_arrays(path, spec, writer.format_version)
             writer._ensure_side()
             return writer

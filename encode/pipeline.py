@@ -161,7 +161,9 @@ def run_encode(
     spec = plan.spec
 
     # 3b. Projected levels (bank.projection): the bases, fitted here before any shard (or the bank's own, on resume).
-    spec, projections, projection_record = projections_for(plan, inputs.bank, use_dask=use_dask)
+    spec, projections, projection_record = projections_for(
+        plan, inputs.bank, use_dask=use_dask, overwrite=overwrite
+    )
     plan = dataclasses.replace(plan, spec=spec)
 
     # 4. Create the bank at its final size (or reopen it for resume; different settings are refused).

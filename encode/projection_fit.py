@@ -80,9 +80,12 @@ def fit_projections(plan, cfg: BankConfig) -> tuple[dict[str, Projection], dict[
     return projections, {"seconds": time.perf_counter() - start, "images": len(records), "views": views}
 
 
-def projections_for(plan, cfg: BankConfig, *, use_dask: bool) -> tuple[BankSpec, dict[str, Projection], dict]:
+def projections_for(
+    plan, cfg: BankConfig, *, use_dask: bool, overwrite: bool = False
+) -> tuple[BankSpec, dict[str, Projection], dict]:
     """The spec with its projections and their bases: the bank's stored ones on resume, else a fresh fit (in this
-    process). Returns (spec, bases, a record for the encode summary)."""
+    process; with ``overwrite`` also when the stored ones are damaged). Returns (spec, bases, a record for the
+    encode summary)."""
     if not projected_levels(cfg):
         return plan.spec, {}, {}
     if synthesizes(plan.settings.teacher):
@@ -90,7 +93,12 @@ def projections_for(plan, cfg: BankConfig, *, use_dask: bool) -> tuple[BankSpec,
             "bank.projection: this bank's rows are synthesized by a GAN teacher (no dataset images to fit a basis "
             "on); set bank.projection={} for it"
         )
-    stored = stored_projections(plan.bank_path, plan.spec, cfg)
+    try:
+        stored = stored_projections(plan.bank_path, plan.spec, cfg)
+    except BankError:
+        if not overwrite:
+            raise
+        stored = None  # the bank is replaced anyway
     if stored is not None:
         projections, record = stored, {"reused": True}
     else:

@@ -259,6 +259,12 @@ def test_a_changed_basis_is_refused_on_open_and_on_resume(assets: Path) -> None:
         Bank.open(bank)
     with pytest.raises(BankError, match="does not match the sha256 in the bank's spec"):
         encode(assets, bank)
+    clear_caches()  # --overwrite replaces it: a fresh fit, the same basis as the reference's
+    cfg = load_pipeline(ROOT / "pipeline.yaml", overrides(assets, bank))
+    assert not run_encode(
+        resolve(cfg, "encode"), use_dask=False, progress=False, overwrite=True
+    ).projection.get("reused")
+    assert Bank.open(bank).spec.level("s4").components == 6
 
 
 def test_projected_bank_distils_at_debug_size(assets: Path, tmp_path: Path) -> None:
