@@ -250,6 +250,18 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(assets: Path) -> None:
     assert bank_files(bank) == bank_files(reference)  # the bases too (projection/<level>/...)
 
 
+def test_dask_encode_fits_in_the_driver_and_writes_the_same_bytes(assets: Path) -> None:
+    reference = assets / "ref.zarr"
+    if not reference.exists():
+        encode(assets, reference)
+    with_dask = assets / "dask.zarr"
+    clear_caches()
+    cfg = load_pipeline(ROOT / "pipeline.yaml", overrides(assets, with_dask))
+    summary = run_encode(resolve(cfg, "encode"), use_dask=True, progress=False)
+    assert summary.shards_encoded == summary.shards_total and not summary.projection.get("reused")
+    assert bank_files(with_dask) == bank_files(reference)
+
+
 def test_a_changed_basis_is_refused_on_open_and_on_resume(assets: Path) -> None:
     bank = assets / "tampered.zarr"
     encode(assets, bank)
