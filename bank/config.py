@@ -30,11 +30,23 @@ class BankConfig:
     flipped row's are mirrored when read): at the default 2 draws x 2 flips, 1/4 of the pixel bytes."""
     pixel_compressor: Literal["none", "zstd", "blosc-lz4"] = "none"
     """Lossless compressor of the pixels once per image (``pixels: image``); docs/encode.md has the ratios."""
+    projection: dict[str, int] = field(default_factory=dict)
+    """Per level, k PCA components stored per position instead of the C channels (``s4: 256``; 0 or absent = the
+    channels). The basis is fitted on ``projection_images`` images before the first shard is written, stored in
+    the bank and covered by its fingerprint (docs/bank-format.md, Projection)."""
+    projection_images: int = 256
+    """Images in the projection fit's sample (evenly spaced over the key-sorted dataset; draw 0, every stored
+    flip view)."""
 
     def __post_init__(self) -> None:
         problems = []
         if self.int4_group < 1:
             problems.append(f"int4_group={self.int4_group}: a group holds at least one channel")
+        negative = {level: k for level, k in self.projection.items() if k < 0}
+        if negative:
+            problems.append(f"projection={negative}: k is a number of components, >= 0 (0 = no projection)")
+        if self.projection_images < 1:
+            problems.append(f"projection_images={self.projection_images}: the fit needs at least one image")
         if self.pixel_compressor != "none" and self.pixels != "image":
             problems.append(
                 f"pixel_compressor={self.pixel_compressor} compresses pixels stored once per image: set "

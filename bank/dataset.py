@@ -22,6 +22,7 @@ import torch
 import torch.utils.data
 
 from bank.codecs import CODECS, Codec
+from bank.projection import Projection
 from bank.reader import Bank, BankFormatWarning
 from bank.sampler import EpochSampler
 
@@ -111,11 +112,14 @@ def decode_targets(
     dtype: torch.dtype = torch.float32,
     *,
     mirror: torch.Tensor | None = None,
+    projections: dict[str, Projection] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Move each level's encoded payload to ``device`` (non-blocking from pinned memory), then decode there.
 
     ``mirror`` (B,) bool: rows whose decoded features are mirrored along W (a mirrored bank's flipped views):
-    one ``torch.where`` on the device, no host sync."""
+    one ``torch.where`` on the device, no host sync. ``projections``: the bank's bases (``Bank.projections``,
+    best moved to ``device`` once): a projected level's decoded coefficients go back to C channels there, one
+    matmul (a 1x1 convolution) and the mean."""
     out = {}
     flip_B111 = (
         None
@@ -125,6 +129,8 @@ def decode_targets(
     for level, parts in targets.items():
         moved = {name: t.to(device, non_blocking=True) for name, t in parts.items()}
         feats_BCHW = _codec_for_parts(moved).decode(moved, dtype)
+        if projections and level in projections:
+            feats_BCHW = projections[level].unproject(feats_BCHW, dtype)
         if flip_B111 is not None:
             feats_BCHW = torch.where(flip_B111, feats_BCHW.flip(-1), feats_BCHW)
         out[level] = feats_BCHW

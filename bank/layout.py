@@ -261,7 +261,7 @@ def array_defs(spec: BankSpec) -> list[ArrayDef]:
     ]
     for level in spec.levels:
         codec = codec_for(level.codec, spec)
-        for part, layout in codec.parts(level).items():
+        for part, layout in codec.parts(level.stored).items():  # k channels when projected
             defs.append(
                 ArrayDef(
                     feature_array_name(level.name, part),

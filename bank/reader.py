@@ -28,6 +28,7 @@ from bank.layout import (
     repair_hint,
     side_dir_for,
 )
+from bank.projection import Projection, read_projections
 from bank.spec import ROW_ARRAYS, BankError, BankSpec, LevelSpec
 
 _ALIGN = 64  # bytes: every array of a batch buffer starts cache-line aligned (any dtype's alignment)
@@ -73,6 +74,9 @@ class Bank:
         for record in markers.values():
             self.rejects.update(record["rejects"])
         self.codecs = {lv.name: codec_for(lv.codec, spec) for lv in self.levels}
+        self.projections: dict[str, Projection] = read_projections(path, self.levels)
+        """Bases of the projected levels (``bank.projection``; checked against the spec's sha256 at open): the
+        decoded coefficients of such a level go through ``projections[level].unproject`` (``decode_targets``)."""
         self._defs = array_defs(spec)
         self.row_meta = row_meta
         """Small per-row metadata (source_index, draw, flip, seed, ok), read whole and checked at open; rows
@@ -273,10 +277,13 @@ class Bank:
         import torch
 
         batch = self.read_rows(rows, levels)
-        return {
-            level: self.codecs[level].decode({k: torch.from_numpy(v) for k, v in parts.items()}).numpy()
-            for level, parts in batch["targets"].items()
-        }
+        out = {}
+        for level, parts in batch["targets"].items():
+            decoded = self.codecs[level].decode({k: torch.from_numpy(v) for k, v in parts.items()})
+            if level in self.projections:
+                decoded = self.projections[level].unproject(decoded)
+            out[level] = decoded.numpy()
+        return out
 
 
 class BufferPool:

@@ -53,10 +53,22 @@ class LevelSpec:
     width: int
     codec: str
     """Name in ``bank.codecs.CODECS``."""
+    components: int = 0
+    """k > 0: rows store k PCA coefficients per position (``bank.projection``), decoded back to ``channels`` by the
+    bank's stored basis; 0: the C channels themselves. Left out of the fingerprint at 0 (older banks keep theirs)."""
+    basis_sha256: str = ""
+    """sha256 of the stored basis bytes (``bank.projection``) when ``components`` > 0: the fingerprint covers it."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
+
+    @property
+    def stored(self) -> LevelSpec:
+        """The level as its codec stores it: k channels when projected."""
+        if not self.components:
+            return self
+        return dataclasses.replace(self, channels=self.components, components=0, basis_sha256="")
 
 
 @dataclass
@@ -95,6 +107,9 @@ class BankSpec:
     """Where the input pixels live: one of :data:`PIXEL_LAYOUTS`."""
     pixel_compressor: str = "none"
     """Lossless compressor of the pixels (``pixels`` = ``image`` only): ``none``, ``zstd``, ``blosc-lz4``."""
+    projection_fit: dict[str, Any] = field(default_factory=dict)
+    """How the projected levels' bases were fitted (``rule``, ``images``: the sample size); empty when no level
+    is projected. Part of the fingerprint, with each level's ``basis_sha256``."""
 
     # the fields added after format version 2, left out of the fingerprint at their defaults so older banks keep
     # their fingerprints (and their bytes)
@@ -103,6 +118,7 @@ class BankSpec:
         "mirror": False,
         "pixels": "rows",
         "pixel_compressor": "none",
+        "projection_fit": {},
     }
 
     def __post_init__(self) -> None:
@@ -124,6 +140,14 @@ class BankSpec:
             problems.append(f"pixels={self.pixels!r}; valid: {', '.join(PIXEL_LAYOUTS)}")
         if self.pixel_compressor != "none" and self.pixels != "image":
             problems.append("pixel_compressor applies to pixels='image' only")
+        for lv in self.levels:
+            if not 0 <= lv.components <= lv.channels or bool(lv.components) != bool(lv.basis_sha256):
+                problems.append(
+                    f"level {lv.name}: components={lv.components} (0..{lv.channels}) needs a basis_sha256 "
+                    "exactly when > 0"
+                )
+        if any(lv.components for lv in self.levels) != bool(self.projection_fit):
+            problems.append("projection_fit is recorded exactly when a level is projected (components > 0)")
         if self.shard_rows < 1 or self.shard_rows % self.views_per_image:
             problems.append(
                 f"shard_rows={self.shard_rows} must be a positive multiple of draws x flips = "
@@ -196,6 +220,9 @@ class BankSpec:
         for key, default in self._V3_DEFAULTS.items():
             if data[key] == default:
                 del data[key]
+        for level in data["levels"]:  # a level that is not projected keeps the dict it had before projections
+            if not level["components"]:
+                del level["components"], level["basis_sha256"]
         return data
 
     @classmethod

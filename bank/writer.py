@@ -64,6 +64,7 @@ from bank.layout import (
     write_raw_chunk,
     write_shard_file,
 )
+from bank.projection import Projection, check_projection_config, read_projections, write_projections
 from bank.spec import (
     ROW_ARRAYS,
     SUPPORTED_FORMAT_VERSIONS,
@@ -154,6 +155,7 @@ def spec_from_config(
         raise BankError(
             f"bank.level_codecs names unknown levels {unknown}; levels: {[lv.name for lv in level_specs]}"
         )
+    check_projection_config(cfg, level_specs)
     return BankSpec(
         levels=level_specs,
         num_images=num_images,
@@ -215,6 +217,8 @@ class BankWriter:
             if (compressor := get_compressor(adef.compressor_name(spec))) is not None
         }
         self.codecs = {lv.name: codec_for(lv.codec, spec) for lv in spec.levels}
+        self.projections: dict[str, Projection] = read_projections(self.path, spec.levels)
+        """Bases of the projected levels (``bank.projection``), read from the bank and checked against the spec."""
 
     # ---- creation / resume ---------------------------------------------------------------------------------
     @classmethod
@@ -226,6 +230,7 @@ class BankWriter:
         *,
         overwrite: bool = False,
         format_version: int | None = None,
+        projections: dict[str, Projection] | None = None,
     ) -> BankWriter:
         """New bank (all arrays at final size), or the existing one with the same fingerprint, opened to resume.
 
@@ -234,7 +239,8 @@ class BankWriter:
         that existed before this call, never one a concurrent call has just created. Orphaned
         ``.<bank>.creating-*`` folders of crashed creators are removed (and logged). ``format_version``: None
         = the oldest format that holds ``spec`` (:meth:`BankSpec.format_version`); others are for compatibility
-        tests only.
+        tests only. ``projections``: the fitted bases of the spec's projected levels (``bank.projection``),
+        stored in a new bank before any shard; an existing bank's own are used (and checked against the spec).
         """
         path = Path(path)
         _check_spec_matches_config(spec, cfg)
@@ -258,7 +264,7 @@ class BankWriter:
                         f"{path} exists and is not a bank (no zarr.json); remove it, or {OVERWRITE_HINT}"
                     )
                 _remove_bank(path)
-            tmp = _build_bank_folder(path, spec, format_version)
+            tmp = _build_bank_folder(path, spec, format_version, projections or {})
             try:
                 os.rename(tmp, path)  # atomic; replaces an empty folder, fails on a non-empty one
             except OSError as exc:
@@ -292,7 +298,13 @@ class BankWriter:
             _remove_bank(path)
             return None
         if existing.fingerprint() == spec.fingerprint():
-            writer = cls(path, spec)
+            try:
+                writer = cls(path, spec)
+            except BankError:  # e.g. a projection basis that no longer matches its sha256
+                if not overwrite:
+                    raise
+                _remove_bank(path)
+                return None
             check_arrays(path, spec, writer.format_version)
             writer._ensure_side()
             return writer
@@ -456,8 +468,15 @@ class BankWriter:
             feats_SCHW = rows.features[level.name]
             if isinstance(feats_SCHW, np.ndarray):
                 feats_SCHW = torch.from_numpy(feats_SCHW)
-            absmax[level.name] = _absmax_of_rows(feats_SCHW, np.asarray(rows.ok, dtype=bool))
-            for part, values in self.codecs[level.name].encode(feats_SCHW).items():
+            codec, projection = self.codecs[level.name], self.projections.get(level.name)
+            ok = np.asarray(rows.ok, dtype=bool)
+            if projection is None:
+                absmax[level.name] = _absmax_of_rows(feats_SCHW, ok)
+                payload = codec.encode(feats_SCHW)
+            else:  # k coefficients per position; the range verify checks is that of what a reader decodes
+                payload = codec.encode(projection.project(feats_SCHW))
+                absmax[level.name] = _absmax_of_rows(projection.unproject(codec.decode(payload)), ok)
+            for part, values in payload.items():
                 files |= self._write_sharded(
                     shard, feature_array_name(level.name, part), values.cpu().numpy(), batch
                 )
@@ -704,8 +723,19 @@ def _claim_live(record: dict[str, Any], bank_id: str | None) -> bool:
 
 
 # ---- creation helpers ------------------------------------------------------------------------------------------
-def _build_bank_folder(path: Path, spec: BankSpec, format_version: int) -> Path:
-    """The whole empty bank in a temporary folder beside ``path`` (fsynced), ready to be renamed into place."""
+def _build_bank_folder(
+    path: Path, spec: BankSpec, format_version: int, projections: dict[str, Projection]
+) -> Path:
+    """The whole empty bank in a temporary folder beside ``path`` (fsynced), ready to be renamed into place;
+    with the projected levels' bases (checked against the spec's sha256 first)."""
+    projected = {lv.name: lv for lv in spec.levels if lv.components}
+    if set(projections) != set(projected) or any(
+        projections[name].sha256() != lv.basis_sha256 for name, lv in projected.items()
+    ):
+        raise BankError(
+            f"creating {path}: the projection bases given ({sorted(projections)}) are not the spec's projected "
+            f"levels' ({sorted(projected)}, by sha256); build the spec with bank.projection.with_projections"
+        )
     tmp = path.with_name(f".{path.name}.creating-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
     attrs: dict[str, Any] = {
         "format_version": format_version,
@@ -723,6 +753,7 @@ def _build_bank_folder(path: Path, spec: BankSpec, format_version: int) -> Path:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(tmp, mode="w", attributes={ATTRS_KEY: attrs})
         create_arrays(group, spec, format_version)
+        write_projections(group, projections, checksum=has_chunk_checksums(format_version))
         if format_version == 1:
             (tmp / "done").mkdir()
         _fsync_tree(tmp)
@@ -802,6 +833,7 @@ def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
         "pixels": cfg.pixels,
         "pixel_compressor": cfg.pixel_compressor,
         **{f"levels.{lv.name}.codec": cfg.level_codecs.get(lv.name, cfg.codec) for lv in spec.levels},
+        **{f"levels.{lv.name}.components": cfg.projection.get(lv.name, 0) for lv in spec.levels},
     }
     if any(lv.codec == "int4" for lv in spec.levels):
         expected["int4_group"] = cfg.int4_group
@@ -812,9 +844,13 @@ def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
         "pixels": spec.pixels,
         "pixel_compressor": spec.pixel_compressor,
         **{f"levels.{lv.name}.codec": lv.codec for lv in spec.levels},
+        **{f"levels.{lv.name}.components": lv.components for lv in spec.levels},
     }
     if any(lv.codec == "int4" for lv in spec.levels):
         actual["int4_group"] = spec.int4_group
+    if spec.projection_fit:
+        expected["projection_images"] = cfg.projection_images
+        actual["projection_images"] = spec.projection_fit.get("images")
     diff = [
         f"{k}: spec {actual[k]!r}, bank config {expected[k]!r}" for k in expected if expected[k] != actual[k]
     ]

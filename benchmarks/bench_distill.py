@@ -163,6 +163,86 @@ def bench_online_mode(bank: Path, batch: int, steps: int, warmup: int) -> dict[s
     return {"step_s": statistics.median(times[warmup:]), "teacher_s": statistics.median(teacher_s[warmup:])}
 
 
+DECODE_VARIANTS = [
+    ("fp16", {}),
+    ("int8", {}),
+    ("fp8", {}),
+    ("int4", {}),
+    ("int4", {"s4": 256}),
+    ("int4", {"s4": 128}),
+]
+
+
+def bench_decode_cost(batch: int, steps: int, warmup: int) -> dict:
+    """Device decode of one batch's bank payload per codec (``decode_targets``: dequantise, and for a PCA level
+    the matmul back to C channels), against the student step (ResNet-50 + regressor at 256x256, targets given)."""
+    from bank import decode_targets, make_codec
+    from bank.projection import Projection
+
+    device = torch.device("cpu")
+    taps = adm_tap_shapes(PRESET)
+    rng = np.random.default_rng(0)
+    feats = {
+        t.name: torch.from_numpy(
+            rng.standard_normal((batch, t.channels, t.height, t.width), dtype=np.float32)
+            * rng.lognormal(0, 1, size=(1, t.channels, 1, 1)).astype(np.float32)
+        )
+        for t in taps
+    }
+    decode_s: dict[str, float] = {}
+    for codec_name, pca in DECODE_VARIANTS:
+        codec = make_codec(codec_name)
+        projections, payload = {}, {}
+        for name, x in feats.items():
+            if name in pca:  # any orthonormal basis: the decode's cost does not depend on it
+                c = x.shape[1]
+                basis = torch.linalg.qr(
+                    torch.randn(c, pca[name], generator=torch.Generator().manual_seed(0))
+                )[0]
+                projections[name] = Projection(torch.zeros(c), basis.T.contiguous())
+                x = projections[name].project(x)
+            payload[name] = codec.encode(x)
+        decode_targets(payload, device, projections=projections)  # warm-up (allocator, kernels)
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            decode_targets(payload, device, projections=projections)
+            times.append(time.perf_counter() - start)
+        label = codec_name + "".join(f" + PCA {n} k={k}" for n, k in pca.items())
+        decode_s[label] = statistics.median(times)
+    # the student step with fixed float targets (the decode excluded)
+    targets = {name: x.clone() for name, x in feats.items()}
+    cfg = load_pipeline(REPO / "pipeline.yaml", ["distill.max_steps=100"]).distill
+    net = DistillNet(build_student("resnet50"), {t.name: t.channels for t in taps})
+    optimizer = build_optimizer(net, cfg)
+    scheduler, _ = build_schedule(optimizer, cfg, steps_per_epoch=100)
+    trainer = Trainer(net, net, optimizer, scheduler, lambda b: targets,
+                      StepSettings(whiten="sample", at_weight=10.0, grad_clip=3.0), Runtime(device))  # fmt: skip
+    images = {"image": torch.from_numpy(rng.integers(0, 256, (batch, 3, 256, 256), dtype=np.uint8))}
+    step_times = []
+    for _ in range(warmup + steps):
+        start = time.perf_counter()
+        trainer.train_step(images)
+        step_times.append(time.perf_counter() - start)
+    return {"decode_s": decode_s, "step_s": statistics.median(step_times[warmup:]), "batch": batch}
+
+
+def decode_cost_lines(result: dict) -> list[str]:
+    step = result["step_s"]
+    lines = [
+        f"Device decode per codec at ADM-256 shapes, batch {result['batch']}, on this CPU (the decode runs where "
+        f"the training step runs; a GPU's figures will differ). Student step (ResNet-50 + regressor, fixed "
+        f"targets): {step:.2f} s.",
+        "",
+        "| codec | decode ms / batch | % of the student step |",
+        "|---|---|---|",
+    ]
+    for label, seconds in result["decode_s"].items():
+        lines.append(f"| {label} | {1e3 * seconds:.1f} | {100 * seconds / step:.2f}% |")
+    lines += ["", "Target on the device: <= 2% of the step; not measured on a GPU (none was lent)."]
+    return lines
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     return (
@@ -187,6 +267,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--no-doc", action="store_true", help="print only; do not edit docs/benchmarks.md")
+    parser.add_argument("--decode-batch", type=int, default=8, help="images per step of the decode-cost part")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         tmp_path = Path(tmp)
@@ -195,6 +276,7 @@ def main() -> None:
         )
         bank_mode = bench_bank_mode(bank, tmp_path / "runs", args.batch, args.steps, args.warmup)
         online = bench_online_mode(bank, args.batch, args.steps, args.warmup)
+    decode = bench_decode_cost(args.decode_batch, 2, 1)
     ratio = online["step_s"] / bank_mode["step_s"]
     text = "\n".join(
         [
@@ -213,6 +295,8 @@ def main() -> None:
             "",
             f"Data wait with the default loader (distill.num_workers={bank_mode['num_workers']}): "
             f"**{100 * bank_mode['wait_frac']:.1f}%** of step time (target < 5%).",
+            "",
+            *decode_cost_lines(decode),
         ]
     )
     print(text)

@@ -28,10 +28,15 @@ log = logging.getLogger(__name__)
 
 class BankTargets:
     """Decode the bank payload of a batch after the host->device copy (int8 travels, float32 arrives); the
-    flipped views of a mirrored bank (``batch["mirror"]``) are mirrored there too."""
+    flipped views of a mirrored bank (``batch["mirror"]``) are mirrored there too, and a projected level's
+    coefficients go back to its C channels there (one matmul), before the loss whitens them."""
 
-    def __init__(self, device: torch.device, levels: list[str]) -> None:
+    def __init__(
+        self, device: torch.device, levels: list[str], projections: dict[str, Any] | None = None
+    ) -> None:
+        """``projections``: the bank's bases (``Bank.projections``), moved to the device once, here."""
         self.device, self.levels = device, levels
+        self.projections = {name: p.to(device) for name, p in (projections or {}).items() if name in levels}
 
     def set_epoch(self, epoch: int) -> None:
         """Stored rows do not depend on the visit."""
@@ -40,7 +45,7 @@ class BankTargets:
         from bank import decode_targets
 
         payload = {name: batch["targets"][name] for name in self.levels}
-        return decode_targets(payload, self.device, mirror=batch.get("mirror"))
+        return decode_targets(payload, self.device, mirror=batch.get("mirror"), projections=self.projections)
 
 
 def fresh_seed(global_seed: int, key: str, visit: int, flip: int) -> int:

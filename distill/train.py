@@ -185,7 +185,7 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
             f"batch size ({dcfg.batch_size // runtime.world_size}); lower distill.batch_size"
         )
     targets = (
-        BankTargets(runtime.device, levels)
+        BankTargets(runtime.device, levels, bank.projections)
         if dcfg.targets == "bank"
         else TeacherTargets(
             bank, inputs.teachers, levels, runtime.device, fresh=dcfg.targets == "online", seed=dcfg.seed

@@ -20,6 +20,7 @@ from bank.layout import SUMMARY_FILE, side_dir
 from configlib import save_resolved
 from encode.distributed import run_tasks
 from encode.inputs import EncodeInputs
+from encode.projection_fit import projections_for
 from encode.worker import EncodeSettings, ShardTask, build_encoder, get_encoder
 from sources.images import ImageRecord, keys_sha256, list_images
 from teachers.provenance import DatasetRecord, Provenance
@@ -45,6 +46,9 @@ class EncodeSummary:
     wall_seconds: float = 0.0
     teacher_seconds: float = 0.0
     """Summed time inside the teacher forward."""
+    projection: dict[str, Any] = field(default_factory=dict)
+    """Projected levels (``bank.projection``): per level k, channels and the energy kept; whether the bases were
+    fitted now (seconds, sample images and views) or reused from the bank."""
 
     @property
     def images_per_s(self) -> float:
@@ -67,6 +71,12 @@ class EncodeSummary:
             f"wall time      {self.wall_seconds:.1f} s",
             f"throughput     {self.images_per_s:.2f} images/s, {self.mb_per_s:.1f} MB/s",
         ]
+        for name, level in self.projection.get("levels", {}).items():
+            how = "stored basis reused" if self.projection.get("reused") else "fitted now"
+            lines.append(
+                f"projection     {name}: k={level['k']} of {level['channels']} channels, energy kept "
+                f"{level['energy']:.4f} ({how})"
+            )
         lines += [f"  reject {key}: {reason}" for key, reason in sorted(self.rejects.items())[:20]]
         return "\n".join(lines)
 
@@ -150,8 +160,16 @@ def run_encode(
     plan = plan_encode(inputs, use_dask=use_dask)
     spec = plan.spec
 
+    # 3b. Projected levels (bank.projection): the bases, fitted here before any shard (or the bank's own, on resume).
+    spec, projections, projection_record = projections_for(
+        plan, inputs.bank, use_dask=use_dask, overwrite=overwrite
+    )
+    plan = dataclasses.replace(plan, spec=spec)
+
     # 4. Create the bank at its final size (or reopen it for resume; different settings are refused).
-    writer = BankWriter.create(plan.bank_path, spec, inputs.bank, overwrite=overwrite)
+    writer = BankWriter.create(
+        plan.bank_path, spec, inputs.bank, overwrite=overwrite, projections=projections
+    )
     save_resolved(plan.inputs, side_dir(plan.bank_path), "config.yaml")
     pending = writer.pending_shards()
 
@@ -193,6 +211,7 @@ def run_encode(
         rows=sum(s.rows for s in encoded),
         bytes_written=sum(int(s.write.get("bytes", 0)) for s in encoded),
         teacher_seconds=sum(s.teacher_seconds for s in encoded),
+        projection=projection_record,
     )
     summary.wall_seconds = time.perf_counter() - start
     # keys the bank's 64-byte field could not hold were shortened at listing time: keep their full paths

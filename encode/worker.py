@@ -226,6 +226,17 @@ def _encode_claimed_shard(
     task: ShardTask, writer: BankWriter, claim: Claim, stats: ShardStats, start: float
 ) -> ShardStats:
     """:func:`encode_shard`'s work once ``claim`` holds the shard: teacher pass, then the whole-shard write."""
+    shard_rows = encode_rows(task, stats)
+    # 4. Hand the whole shard to the bank (codecs, write, done marker last), outside the compute lock.
+    stats.write = dict(writer.write_shard(task.shard, shard_rows, claim=claim))
+    stats.rows = len(task.spec.shard_range(task.shard))
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def encode_rows(task: ShardTask, stats: ShardStats) -> ShardRows:
+    """The rows of ``task.shard`` (decoded images, teacher read-outs, features on the teacher's device), not yet
+    written; rejects go into ``stats``. Also the projection fit's read-out (``encode.projection_fit``)."""
     settings, spec = task.settings, task.spec
     encoder, compute_lock = get_encoder(settings)
     device, res = encoder.device, encoder.resolution
@@ -303,8 +314,7 @@ def _encode_claimed_shard(
             features[name].index_copy_(0, rows_dev, feats_RChw)
         ok[row_idx_R.numpy()] = True
 
-    # 4. Hand the whole shard to the bank (codecs, write, done marker last), outside the compute lock.
-    shard_rows = ShardRows(
+    return ShardRows(
         images_u8=images_u8,
         features=features,
         keys=keys,
@@ -315,7 +325,3 @@ def _encode_claimed_shard(
         ok=ok,
         rejects=dict(stats.rejects),
     )
-    stats.write = dict(writer.write_shard(task.shard, shard_rows, claim=claim))
-    stats.rows = n_rows
-    stats.seconds = time.perf_counter() - start
-    return stats

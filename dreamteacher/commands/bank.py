@@ -63,6 +63,12 @@ def info(path: str, as_json: bool) -> None:
             f"level {level.name:<5} stride {level.stride:>2}  {level.channels}x{level.height}x{level.width}  "
             f"codec {level.codec:<8} {nbytes / 1e6:.3f} MB/view (fp16 {2 * level.channels * level.height * level.width / 1e6:.3f})"
         )
+        if level.components:
+            click.echo(
+                f"  projection k={level.components} of {level.channels} channels, energy kept "
+                f"{b.projections[level.name].energy:.4f} on the fit sample "
+                f"({spec.projection_fit.get('images')} images, {spec.projection_fit.get('rule')})"
+            )
     click.echo(
         f"features    {total / 1e6:.3f} MB/view, {total * spec.num_rows / 1e9:.3f} GB in all (uncompressed)"
     )

@@ -1,0 +1,267 @@
+"""A linear projection (PCA) per level: rows store ``k`` coefficients per position instead of ``C`` channels.
+
+The basis of a level is fitted once per bank, deterministically, on a fixed sample of the dataset before the first
+shard is written (``encode.projection_fit``), stored in the bank's group (``projection/<level>/mean`` (C,) and
+``projection/<level>/basis`` (k, C), float32 little-endian) and covered by the bank's fingerprint through the
+sha256 of those bytes (``LevelSpec.basis_sha256``). Rows store ``codec(coefficients)`` with::
+
+    coefficients_SKHW = einsum("kc,schw->skhw", basis_KC, feats_SCHW - mean_C)
+    feats_SCHW ~= einsum("kc,skhw->schw", basis_KC, coefficients_SKHW) + mean_C     # decode: one 1x1 conv
+
+The basis rows are orthonormal eigenvectors of the channel covariance (over every position of every sample view),
+largest eigenvalue first; each eigenvector's largest-magnitude entry is positive (the sign convention that makes
+the fit reproducible). ``energy`` = the fraction of the sample's channel variance the k components keep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bank.spec import BankError, LevelSpec
+
+FIT_RULE = "pca-v1"
+"""How the basis is fitted, recorded in the spec (part of the fingerprint): evenly spaced images of the key-sorted
+dataset (``round((i + 0.5) * N / n)``), draw 0, every stored flip view, float64 channel covariance over every
+position, ``torch.linalg.eigh`` on the CPU, top-k eigenvectors, sign: largest-|entry| positive."""
+
+GROUP = "projection"
+"""Folder of the bases inside the bank's group: ``projection/<level>/{mean,basis}``."""
+
+
+def sample_indices(num_images: int, sample: int) -> list[int]:
+    """``min(sample, N)`` evenly spaced image indices of ``0..N-1`` (midpoints of equal bins), ascending."""
+    n = min(sample, num_images)
+    return [int((i + 0.5) * num_images / n) for i in range(n)]
+
+
+@dataclass
+class Projection:
+    """One level's basis: ``mean_C`` and orthonormal rows ``basis_KC`` (float32, any device)."""
+
+    mean_C: torch.Tensor
+    basis_KC: torch.Tensor
+    energy: float = 1.0
+    """Fraction of the fit sample's channel variance kept by the k components."""
+
+    @property
+    def components(self) -> int:
+        return int(self.basis_KC.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.basis_KC.shape[1])
+
+    def to(self, device: torch.device | str) -> Projection:
+        return Projection(self.mean_C.to(device), self.basis_KC.to(device), self.energy)
+
+    def project(self, feats_SCHW: torch.Tensor) -> torch.Tensor:
+        """(S, C, H, W) -> (S, k, H, W) float32 coefficients, on the features' device."""
+        basis_KC = self.basis_KC.to(feats_SCHW.device)
+        centred = feats_SCHW.float() - self.mean_C.to(feats_SCHW.device)[None, :, None, None]
+        return torch.einsum("kc,schw->skhw", basis_KC, centred)
+
+    def unproject(self, coeffs_SKHW: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(S, k, H, W) -> (S, C, H, W): one matmul (a 1x1 convolution) and the mean, on the coefficients' device."""
+        basis_KC = self.basis_KC.to(coeffs_SKHW.device)
+        feats = torch.einsum("kc,skhw->schw", basis_KC, coeffs_SKHW.float())
+        return (feats + self.mean_C.to(coeffs_SKHW.device)[None, :, None, None]).to(dtype)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The stored arrays (float32, little-endian, C order)."""
+        return {
+            "mean": np.ascontiguousarray(self.mean_C.detach().cpu().numpy(), dtype="<f4"),
+            "basis": np.ascontiguousarray(self.basis_KC.detach().cpu().numpy(), dtype="<f4"),
+        }
+
+    def sha256(self) -> str:
+        """sha256 of the stored bytes: mean then basis (float32 little-endian), the fingerprint's view of it."""
+        return arrays_sha256(self.arrays())
+
+
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in ("mean", "basis"):
+        digest.update(np.ascontiguousarray(arrays[name], dtype="<f4").tobytes())
+    return digest.hexdigest()
+
+
+class CovarianceAccumulator:
+    """Sum of x and of x x^T over every position of every view, float64, on the features' device."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sum_C: torch.Tensor | None = None
+        self.outer_CC: torch.Tensor | None = None
+
+    def add(self, feats_SCHW: torch.Tensor) -> None:
+        x_NC = feats_SCHW.detach().to(torch.float64).permute(0, 2, 3, 1).reshape(-1, feats_SCHW.shape[1])
+        if self.sum_C is None:
+            self.sum_C = x_NC.sum(0)
+            self.outer_CC = x_NC.T @ x_NC
+        else:
+            self.sum_C += x_NC.sum(0)
+            self.outer_CC += x_NC.T @ x_NC
+        self.count += x_NC.shape[0]
+
+    def fit(self, components: int) -> Projection:
+        """The top-``components`` principal directions (see :data:`FIT_RULE`)."""
+        if self.sum_C is None or self.outer_CC is None or self.count < 2:
+            raise BankError("projection fit: no sample features (every sample image was rejected?)")
+        mean_C = (self.sum_C / self.count).cpu()
+        cov_CC = (self.outer_CC.cpu() / self.count) - torch.outer(mean_C, mean_C)
+        return fit_from_covariance(mean_C, (cov_CC + cov_CC.T) / 2, components)
+
+
+def fit_from_covariance(mean_C: torch.Tensor, cov_CC: torch.Tensor, components: int) -> Projection:
+    """Top-k eigenvectors of a symmetric covariance (float64, CPU), largest eigenvalue first, sign-normalised."""
+    channels = cov_CC.shape[0]
+    if not 1 <= components <= channels:
+        raise BankError(f"projection: k={components} components for {channels} channels (need 1..{channels})")
+    evals, evecs = torch.linalg.eigh(cov_CC.to(torch.float64).cpu())  # ascending
+    order = torch.argsort(evals, descending=True, stable=True)
+    evals, basis_KC = evals[order].clamp_min(0.0), evecs[:, order].T[:components].clone()
+    peak = basis_KC.abs().argmax(dim=1)
+    signs = torch.sign(basis_KC[torch.arange(components), peak])
+    basis_KC *= torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
+    total = float(evals.sum())
+    energy = float(evals[:components].sum()) / total if total > 0 else 1.0
+    return Projection(mean_C.to(torch.float32), basis_KC.to(torch.float32), energy)
+
+
+def energy_curve(mean_C: torch.Tensor, cov_CC: torch.Tensor) -> np.ndarray:
+    """(C,) fraction of variance kept by the top 1..C components (benchmarks, ``bank info``)."""
+    evals = torch.linalg.eigvalsh(cov_CC.to(torch.float64).cpu()).flip(0).clamp_min(0.0)
+    return (torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-300)).numpy()
+
+
+# ---- the spec ------------------------------------------------------------------------------------------------
+def check_projection_config(cfg: Any, levels: list[LevelSpec]) -> None:
+    """``bank.projection`` names known levels and 0 <= k <= C for each; else one :class:`BankError` line."""
+    names = {lv.name: lv for lv in levels}
+    unknown = sorted(set(cfg.projection) - set(names))
+    if unknown:
+        raise BankError(f"bank.projection names unknown levels {unknown}; levels: {list(names)}")
+    too_many = {n: k for n, k in cfg.projection.items() if not 0 <= k <= names[n].channels}
+    if too_many:
+        raise BankError(
+            f"bank.projection={too_many}: k must be 0..C (channels: "
+            f"{ {n: names[n].channels for n in too_many} }); 0 = no projection"
+        )
+
+
+def projected_levels(cfg: Any) -> dict[str, int]:
+    """Levels ``bank.projection`` projects, with their k (k = 0 dropped)."""
+    return {name: int(k) for name, k in sorted(cfg.projection.items()) if k > 0}
+
+
+def with_projections(spec: Any, projections: dict[str, Projection], *, images: int) -> Any:
+    """``spec`` with the projected levels' ``components`` and ``basis_sha256`` and the fit's settings recorded
+    (all part of the fingerprint); ``images`` = the fit's sample size (``bank.projection_images``)."""
+    import dataclasses
+
+    if not projections:
+        return spec
+    levels = [
+        dataclasses.replace(
+            lv, components=projections[lv.name].components, basis_sha256=projections[lv.name].sha256()
+        )
+        if lv.name in projections
+        else lv
+        for lv in spec.levels
+    ]
+    return dataclasses.replace(spec, levels=levels, projection_fit={"rule": FIT_RULE, "images": int(images)})
+
+
+def stored_projections(path: Path, draft: Any, cfg: Any) -> dict[str, Projection] | None:
+    """The bases of the bank at ``path`` when it is this encode's bank (``draft`` = the spec without projections,
+    the same levels and k and fit settings): a resumed encode reuses them instead of fitting again (a refit on
+    another device may differ in the last bits). None when there is no such bank. A stored basis that does not
+    match the bank's own spec is a :class:`BankError`."""
+    from bank.layout import read_bank_attrs
+    from bank.spec import BankSpec
+
+    if not (Path(path) / "zarr.json").exists():
+        return None
+    try:
+        existing = BankSpec.from_dict(read_bank_attrs(Path(path))["spec"])
+    except (BankError, TypeError, KeyError):
+        return None  # not a bank create() can resume: it decides (refuse, or overwrite)
+    wanted = projected_levels(cfg)
+    if (
+        {lv.name: lv.components for lv in existing.levels if lv.components} != wanted
+        or existing.projection_fit != {"rule": FIT_RULE, "images": cfg.projection_images}
+        or without_projections(existing).fingerprint() != draft.fingerprint()
+    ):
+        return None
+    return read_projections(Path(path), existing.levels)
+
+
+def without_projections(spec: Any) -> Any:
+    """``spec`` as :func:`with_projections` found it: what a resumed encode compares before reusing a basis."""
+    import dataclasses
+
+    levels = [dataclasses.replace(lv, components=0, basis_sha256="") for lv in spec.levels]
+    return dataclasses.replace(spec, levels=levels, projection_fit={})
+
+
+# ---- storage in the bank's group ------------------------------------------------------------------------------
+def write_projections(group: Any, projections: dict[str, Projection], *, checksum: bool) -> None:
+    """Create ``projection/<level>/{mean,basis}`` (one chunk each, crc32c when the format has checksums)."""
+    import zarr.codecs
+
+    for level, proj in projections.items():
+        for name, values in proj.arrays().items():
+            array = group.create_array(
+                f"{GROUP}/{level}/{name}",
+                shape=values.shape,
+                chunks=values.shape,
+                dtype="float32",
+                compressors=[zarr.codecs.Crc32cCodec()] if checksum else None,
+                filters=None,
+                fill_value=0.0,
+                attributes={"energy": proj.energy} if name == "basis" else {},
+            )
+            array[...] = values
+
+
+def read_projections(path: Path, levels: list[LevelSpec]) -> dict[str, Projection]:
+    """The stored bases of the projected ``levels``, each checked against its recorded sha256 and shape."""
+    import zarr
+
+    wanted = [lv for lv in levels if lv.components]
+    if not wanted:
+        return {}
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception as exc:  # noqa: BLE001 - any failure to open is the same answer
+        raise BankError(f"{path}: cannot open the bank's group to read its projection bases ({exc})") from exc
+    out = {}
+    for lv in wanted:
+        try:
+            mean = np.asarray(group[f"{GROUP}/{lv.name}/mean"][...])
+            basis_array = group[f"{GROUP}/{lv.name}/basis"]
+            basis = np.asarray(basis_array[...])
+            energy = float(basis_array.attrs.get("energy", float("nan")))
+        except Exception as exc:  # noqa: BLE001 - missing, truncated or corrupt (crc32c) arrays alike
+            raise BankError(
+                f"{path / GROUP / lv.name}: the projection basis of level {lv.name} is missing or unreadable "
+                f"({type(exc).__name__}); re-encode the bank (dreamteacher encode --overwrite)"
+            ) from exc
+        if mean.shape != (lv.channels,) or basis.shape != (lv.components, lv.channels):
+            raise BankError(
+                f"{path / GROUP / lv.name}: basis {basis.shape} / mean {mean.shape}, the spec says "
+                f"({lv.components}, {lv.channels}); re-encode the bank"
+            )
+        if arrays_sha256({"mean": mean, "basis": basis}) != lv.basis_sha256:
+            raise BankError(
+                f"{path / GROUP / lv.name}: the stored projection basis of level {lv.name} does not match the "
+                "sha256 in the bank's spec (it was changed after creation); re-encode the bank"
+            )
+        out[lv.name] = Projection(torch.from_numpy(mean.copy()), torch.from_numpy(basis.copy()), energy)
+    return out

@@ -1,0 +1,332 @@
+"""PCA projection per level (bank.projection, issue 13): the fit against numpy, energy by hand, round trips within
+the codec's bound, the fingerprint, and projected banks that encode, reopen, resume after kill -9 to the same bytes,
+refuse a changed basis and distil."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+
+from bank import Bank, BankError
+from bank.codecs import CODECS, make_codec
+from bank.config import BankConfig
+from bank.layout import side_dir
+from bank.projection import (
+    CovarianceAccumulator,
+    Projection,
+    fit_from_covariance,
+    sample_indices,
+    with_projections,
+)
+from bank.spec import LevelSpec
+from dreamteacher.cli import main
+from dreamteacher.resolve import resolve
+from dreamteacher.schema import load_pipeline
+from encode.pipeline import run_encode
+from encode.worker import clear_caches
+from tests.bank_helpers import activation_like, make_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the fit ---------------------------------------------------------------------------------------------------
+def test_fit_matches_numpy_svd_of_the_same_sample() -> None:
+    feats = activation_like((6, 5, 4, 3), seed=0)
+    acc = CovarianceAccumulator()
+    for chunk in feats.split(2):  # accumulated in pieces, as the encode fit does
+        acc.add(chunk)
+    proj = acc.fit(3)
+    # reference: SVD of the centred (positions, C) matrix
+    x = feats.double().permute(0, 2, 3, 1).reshape(-1, 5).numpy()
+    mean = x.mean(0)
+    _u, sing, vt = np.linalg.svd(x - mean, full_matrices=False)
+    np.testing.assert_allclose(proj.mean_C.numpy(), mean, rtol=1e-5, atol=1e-5)
+    for k in range(3):  # each component equal up to sign
+        ours, ref = proj.basis_KC[k].double().numpy(), vt[k]
+        assert min(np.abs(ours - ref).max(), np.abs(ours + ref).max()) < 1e-4, k
+        assert abs(ours).argmax() == abs(ref).argmax() and ours[abs(ours).argmax()] > 0  # the sign convention
+    assert proj.energy == pytest.approx(float((sing[:3] ** 2).sum() / (sing**2).sum()), rel=1e-9)
+    np.testing.assert_allclose(proj.basis_KC.numpy() @ proj.basis_KC.numpy().T, np.eye(3), atol=1e-6)
+
+
+def test_energy_kept_by_hand() -> None:
+    # four positions of 2 channels: (2, 0), (-2, 0), (0, 1), (0, -1): covariance diag(2, 0.5), mean 0
+    feats = torch.tensor([[2.0, -2.0, 0.0, 0.0], [0.0, 0.0, 1.0, -1.0]]).reshape(1, 2, 2, 2)
+    acc = CovarianceAccumulator()
+    acc.add(feats)
+    proj = acc.fit(1)
+    assert proj.energy == pytest.approx(2.0 / 2.5)
+    assert proj.basis_KC.tolist() == [[1.0, 0.0]] and proj.mean_C.tolist() == [0.0, 0.0]
+    assert proj.project(feats).flatten().tolist() == [2.0, -2.0, 0.0, 0.0]
+    assert acc.fit(2).energy == pytest.approx(1.0)
+
+
+def test_sample_is_evenly_spaced_and_bounded() -> None:
+    assert sample_indices(10, 4) == [1, 3, 6, 8]
+    assert sample_indices(3, 256) == [0, 1, 2]
+
+
+def test_bad_k_is_one_clear_line() -> None:
+    with pytest.raises(BankError, match="k=6 components for 5 channels"):
+        fit_from_covariance(torch.zeros(5), torch.eye(5, dtype=torch.float64), 6)
+
+
+# ---- round trip through every codec ----------------------------------------------------------------------------
+def _rank_k(k: int = 3, channels: int = 8) -> tuple[torch.Tensor, Projection]:
+    g = torch.Generator().manual_seed(1)
+    basis_KC = torch.linalg.qr(torch.randn(channels, k, generator=g, dtype=torch.float64))[0].T.float()
+    mean_C = torch.randn(channels, generator=g) * 3
+    coeffs = torch.randn(4, k, 5, 7, generator=g) * 10.0 ** torch.linspace(-1, 1, k)[None, :, None, None]
+    feats = torch.einsum("kc,skhw->schw", basis_KC, coeffs) + mean_C[None, :, None, None]
+    return feats, Projection(mean_C, basis_KC)
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_rank_k_round_trip_within_the_codecs_bound(name: str) -> None:
+    feats, proj = _rank_k()
+    codec = make_codec(name)
+    coeffs = proj.project(feats)
+    payload = codec.encode(coeffs)
+    decoded = proj.unproject(codec.decode(payload))
+    # |dx_c| = |sum_k B_kc dc_k| <= sum_k |B_kc| bound_k, plus float32 rounding of the projection round trip
+    bound_SKHW = codec.error_bound(coeffs, payload).expand_as(coeffs)
+    bound = torch.einsum("kc,skhw->schw", proj.basis_KC.abs(), bound_SKHW) + 1e-5 * (1 + feats.abs())
+    assert bool(((decoded - feats).abs() <= bound).all())
+    # without a codec the rank-k input comes back (to float32 rounding)
+    torch.testing.assert_close(proj.unproject(coeffs), feats, atol=1e-4, rtol=1e-5)
+
+
+# ---- the spec --------------------------------------------------------------------------------------------------
+def test_fingerprint_covers_the_basis_and_k_and_old_specs_are_unchanged() -> None:
+    cfg = BankConfig(shard_rows=4, projection={"s8": 2})
+    plain = make_spec(cfg)
+    assert all("components" not in lv for lv in plain.to_dict()["levels"])
+    assert plain.format_version() == 2
+    feats, _ = _rank_k(channels=6)
+    acc = CovarianceAccumulator()
+    acc.add(feats)
+    one = with_projections(plain, {"s8": acc.fit(2)}, images=4)
+    assert one.format_version() == 3 and one.level("s8").stored.shape == (2, 4, 4)
+    other_basis = Projection(acc.fit(2).mean_C + 1, acc.fit(2).basis_KC)
+    other_k = with_projections(plain, {"s8": acc.fit(3)}, images=4)
+    other_sample = with_projections(plain, {"s8": acc.fit(2)}, images=8)
+    prints = {
+        plain.fingerprint(),
+        one.fingerprint(),
+        with_projections(plain, {"s8": other_basis}, images=4).fingerprint(),
+        other_k.fingerprint(),
+        other_sample.fingerprint(),
+    }
+    assert len(prints) == 5
+
+
+def test_unknown_level_in_projection_is_one_clear_line() -> None:
+    with pytest.raises(BankError, match=r"bank.projection names unknown levels \['s3'\]"):
+        make_spec(BankConfig(shard_rows=4, projection={"s3": 2}))
+    with pytest.raises(BankError, match="k must be 0..C"):
+        make_spec(BankConfig(shard_rows=4, projection={"s8": 7}))
+
+
+# ---- banks -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    tmp = tmp_path_factory.mktemp("projection")
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32,
+        block_out_channels=(8, 16, 16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 4,
+        up_block_types=("UpBlock2D",) * 4,
+        norm_num_groups=4,
+    )
+    unet.save_pretrained(tmp / "teacher")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp / "teacher")
+    (tmp / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(
+            tmp / "images" / f"img{i:02d}.png"
+        )
+    return tmp
+
+
+def overrides(assets: Path, bank: Path, *extra: str) -> list[str]:
+    return [
+        f"datasets.tiny={{root: {assets / 'images'}, layout: folder, teacher: tiny, t: 50}}",
+        f"teachers.tiny={{kind: diffusers, path: {assets / 'teacher'}, dtype: fp32}}",
+        "encode.data=tiny",
+        f"encode.bank={bank}",
+        "encode.num_workers=0",
+        "encode.batch_size=8",
+        "encode.cpu_threads=1",
+        "encode.draws=1",
+        "bank.shard_rows=2",
+        "encode.tasks_per_worker=1",
+        "bank.projection={s8: 8, s4: 6}",
+        "bank.projection_images=4",
+        *extra,
+    ]
+
+
+def encode(assets: Path, bank: Path, *extra: str):  # noqa: ANN201
+    clear_caches()
+    cfg = load_pipeline(ROOT / "pipeline.yaml", overrides(assets, bank, *extra))
+    return run_encode(resolve(cfg, "encode"), use_dask=False, progress=False)
+
+
+def bank_files(bank: Path) -> dict[str, bytes]:
+    files = {str(p.relative_to(bank)): p.read_bytes() for p in sorted(bank.rglob("*")) if p.is_file()}
+    files.pop("zarr.json")  # creation time, bank_id
+    markers = {
+        p.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "bank_id"}
+        for p in sorted((side_dir(bank) / "done").glob("*.json"))
+    }
+    return {**files, **markers}
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_projected_bank_encodes_reopens_and_decodes_near_the_full_bank(assets: Path, codec: str) -> None:
+    bank = assets / f"p-{codec}.zarr"
+    summary = encode(assets, bank, f"bank.codec={codec}")
+    opened = Bank.open(bank)
+    s8, s4 = opened.spec.level("s8"), opened.spec.level("s4")
+    assert (s8.components, s4.components) == (8, 6) and opened.attrs["format_version"] == 3
+    assert opened.spec.projection_fit == {"rule": "pca-v1", "images": 4}
+    # coefficients stored: (k, H, W) parts
+    assert opened.read_rows([0])["targets"]["s4"][next(iter(make_codec(codec).part_names))].shape[1] == 6
+    assert set(summary.projection["levels"]) == {"s8", "s4"}
+    assert 0 < summary.projection["levels"]["s4"]["energy"] <= 1
+    # decoded to C channels, close to the same rows of an unprojected bank (held-out images: 4 of the 8 fitted)
+    full = assets / f"full-{codec}.zarr"
+    encode(assets, full, f"bank.codec={codec}", "bank.projection={}")
+    ours, ref = opened.decode_rows(slice(None)), Bank.open(full).decode_rows(slice(None))
+    for name in ("s8", "s4"):
+        assert ours[name].shape == ref[name].shape
+        flat_o, flat_r = ours[name].reshape(8, -1), ref[name].reshape(8, -1)
+        cos = (flat_o * flat_r).sum(1) / np.linalg.norm(flat_o, axis=1) / np.linalg.norm(flat_r, axis=1)
+        assert cos.min() > 0.5, (name, cos)
+    for name in ("s2", "s1"):  # levels not projected: the same bytes' decode
+        np.testing.assert_array_equal(ours[name], ref[name])
+    out = CliRunner().invoke(main, ["bank", "info", str(bank)], catch_exceptions=False).output
+    assert "projection k=6 of 16 channels, energy kept" in out
+    assert CliRunner().invoke(main, ["bank", "verify", str(bank)]).exit_code == 0
+
+
+def test_kill_minus_9_then_resume_equals_uninterrupted(assets: Path) -> None:
+    reference = assets / "ref.zarr"
+    encode(assets, reference)
+    bank = assets / "killed.zarr"
+    cmd = [sys.executable, "-m", "dreamteacher", "encode", "--config", str(ROOT / "pipeline.yaml"), "--no-dask",
+           "--quiet", *overrides(assets, bank)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = side_dir(bank) / "done"
+    deadline = time.monotonic() + 180
+    while not (done.is_dir() and list(done.glob("*.json"))):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"encode ended or stalled before any shard was done: {proc.stderr.read()!r}")
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list(done.glob("*.json")))
+    total = len(list((side_dir(reference) / "done").glob("*.json")))
+    assert 1 <= done_at_kill < total, "the run finished before the kill: nothing was resumed"
+    summary = encode(assets, bank)
+    assert summary.projection["reused"] and summary.shards_encoded == total - done_at_kill
+    assert bank_files(bank) == bank_files(reference)  # the bases too (projection/<level>/...)
+
+
+def test_dask_encode_fits_in_the_driver_and_writes_the_same_bytes(assets: Path) -> None:
+    reference = assets / "ref.zarr"
+    if not reference.exists():
+        encode(assets, reference)
+    with_dask = assets / "dask.zarr"
+    clear_caches()
+    cfg = load_pipeline(ROOT / "pipeline.yaml", overrides(assets, with_dask))
+    summary = run_encode(resolve(cfg, "encode"), use_dask=True, progress=False)
+    assert summary.shards_encoded == summary.shards_total and not summary.projection.get("reused")
+    assert bank_files(with_dask) == bank_files(reference)
+
+
+def test_a_changed_basis_is_refused_on_open_and_on_resume(assets: Path) -> None:
+    bank = assets / "tampered.zarr"
+    encode(assets, bank)
+    array = zarr.open_array(bank / "projection" / "s4" / "mean", mode="r+")
+    array[0] = float(array[0]) + 1.0
+    with pytest.raises(BankError, match="does not match the sha256 in the bank's spec"):
+        Bank.open(bank)
+    with pytest.raises(BankError, match="does not match the sha256 in the bank's spec"):
+        encode(assets, bank)
+    clear_caches()  # --overwrite replaces it: a fresh fit, the same basis as the reference's
+    cfg = load_pipeline(ROOT / "pipeline.yaml", overrides(assets, bank))
+    assert not run_encode(
+        resolve(cfg, "encode"), use_dask=False, progress=False, overwrite=True
+    ).projection.get("reused")
+    assert Bank.open(bank).spec.level("s4").components == 6
+
+
+def test_projected_bank_distils_at_debug_size(assets: Path, tmp_path: Path) -> None:
+    bank = assets / "p-int8.zarr"
+    if not bank.exists():
+        encode(assets, bank, "bank.codec=int8")
+    runs = tmp_path / "runs"
+    config = ["--config", str(ROOT / "pipeline.yaml"), *overrides(assets, bank)[:3]]
+    result = CliRunner().invoke(
+        main,
+        [
+            "distill",
+            "--no-progress",
+            *config,
+            f"distill.bank={bank}",
+            f"distill.out={runs}",
+            "distill.exp=e",
+            "distill.levels=[s4, s8]",
+            "distill.student.name=resnet10t",
+            "distill.regressor.channels=32",
+            "distill.batch_size=4",
+            "distill.num_workers=0",
+            "distill.max_steps=2",
+            "distill.log_every=1",
+            "distill.device=cpu",
+        ],  # fmt: skip
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (runs / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(
+        np.isfinite(r["loss"]) and r["loss"] > 0 for r in records
+    )
+
+
+def test_decode_targets_projects_back_on_the_device_before_whitening(assets: Path) -> None:
+    from bank.dataset import BankTrainSet, collate_rows
+    from distill.targets import BankTargets
+
+    bank = assets / "p-int8.zarr"
+    if not bank.exists():
+        encode(assets, bank, "bank.codec=int8")
+    opened = Bank.open(bank)
+    batch = collate_rows(BankTrainSet(bank).__getitems__([0, 3]))
+    targets = BankTargets(torch.device("cpu"), ["s4", "s1"], opened.projections)(batch)
+    assert targets["s4"].shape == (2, 16, 8, 8)
+    np.testing.assert_allclose(targets["s4"].numpy(), opened.decode_rows([0, 3])["s4"], rtol=1e-6, atol=1e-6)
+
+
+def test_level_spec_stored_shape() -> None:
+    level = LevelSpec(name="s4", stride=4, channels=16, height=8, width=8, codec="int8", components=4,
+                      basis_sha256="x")  # fmt: skip
+    assert level.stored.shape == (4, 8, 8) and level.shape == (16, 8, 8)
