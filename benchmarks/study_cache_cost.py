@@ -100,7 +100,18 @@ VARIANTS = {
                 "bank.pixel_compressor=zstd",
             ),
         ),
-    ]  # fmt: skip
+        Variant(
+            "pca",
+            "K=1 int4 + PCA k=C/2 per level, pixels once (zstd)",
+            (
+                "encode.draws=1",
+                "bank.codec=int4",
+                "bank.projection={s4: 16, s8: 16, s16: 32, s32: 64}",
+                "bank.pixels=image",
+                "bank.pixel_compressor=zstd",
+            ),
+        ),
+    ]
 }
 
 
@@ -120,8 +131,9 @@ class Grid:
 
 
 GRIDS = {
-    "full": Grid(images=1000, heldout=64, eval_draws=16, seeds=(0, 1, 2), distill_steps=300, finetune_iters=150,
-                 variants=tuple(VARIANTS)),
+    "full": Grid(images=1000, heldout=64, eval_draws=16, seeds=(0, 1, 2), distill_steps=150, finetune_iters=100,
+                 variants=("online", "k1", "k2", "k8", "mean8", "mirror", "int8", "fp8", "int4", "int4-once",
+                           "compact", "pca")),
     "quick": Grid(images=200, heldout=16, eval_draws=8, seeds=(0, 1), distill_steps=80, finetune_iters=60,
                   variants=("online", "k1", "k4", "mean4", "mirror", "int4", "compact")),
     # seconds on a CPU: the whole script on toy sizes (tests/test_study.py)
