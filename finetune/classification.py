@@ -204,13 +204,20 @@ def topk_correct(
 
 @torch.no_grad()
 def evaluate_classifier(
-    model: nn.Module, dataset: ClassFolder, runtime: Runtime, batch_size: int, progress: bool = True
+    model: nn.Module,
+    dataset: ClassFolder,
+    runtime: Runtime,
+    batch_size: int,
+    progress: bool = True,
+    num_workers: int = 0,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) over ``dataset``, each rank scoring every ``world_size``-th image."""
     model.eval()
     shard = torch.utils.data.Subset(dataset, list(range(runtime.rank, len(dataset), runtime.world_size)))
     counts = torch.zeros(3, dtype=torch.int64, device=runtime.device)  # top-1, top-5, images
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=0)
+    loader = DataLoader(
+        shard, batch_size=batch_size, num_workers=num_workers, pin_memory=runtime.device.type == "cuda"
+    )
     for images, labels in tqdm(loader, desc="eval", disable=not (progress and runtime.is_main)):
         images, labels = images.to(runtime.device), labels.to(runtime.device)
         if runtime.channels_last:
@@ -289,7 +296,7 @@ def run_classification(
     scored = (lambda: ema.module) if ema is not None else (lambda: model)
 
     def evaluate(step: int) -> dict[str, float]:
-        metrics = evaluate_classifier(scored(), val_set, runtime, eval_batch, progress)
+        metrics = evaluate_classifier(scored(), val_set, runtime, eval_batch, progress, cfg.num_workers)
         log.log(step, {"val/top1": metrics["top1"], "val/top5": metrics["top5"]})
         return metrics
 
