@@ -69,10 +69,10 @@ encode: $(STAMP)
 
 distill: $(STAMP)
 ifeq ($(GPUS)$(NNODES),11)
-	$(DT) distill --config $(CONFIG) $(call opt,distill.bank,$(BANK)) \
+	$(DT) distill --config $(CONFIG) encode.data=$(DATA) $(call opt,distill.bank,$(BANK)) \
 	  $(call opt,distill.student.name,$(STUDENT)) $(call opt,distill.exp,$(EXP)) $(ARGS)
 else
-	$(VENV)/bin/torchrun $(TORCHRUN_ARGS) -m dreamteacher distill --config $(CONFIG) \
+	$(VENV)/bin/torchrun $(TORCHRUN_ARGS) -m dreamteacher distill --config $(CONFIG) encode.data=$(DATA) \
 	  $(call opt,distill.bank,$(BANK)) $(call opt,distill.student.name,$(STUDENT)) $(call opt,distill.exp,$(EXP)) $(ARGS)
 endif
 

@@ -56,6 +56,10 @@ class OptimConfig:
 class DistillConfig:
     """``dreamteacher distill``: one experiment on one bank."""
 
+    recipe: str = ""
+    """Shipped recipe ``configs/distill/<name>.yaml`` applied over this section (before command-line overrides):
+    empty = the one named after the bank's dataset (``encode.data``) if it exists (``imagenet``: the paper's
+    ImageNet recipe), ``none`` = no recipe. Filled in with the recipe applied (``none`` if none)."""
     bank: str = ""
     """Bank path; empty = ``banks/<encode.data>.zarr``."""
     exp: str = "default"
@@ -68,7 +72,10 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 256
-    """Global batch size (split across ranks)."""
+    """Global batch size = per-device batch x devices x ``accum_steps`` (the recipe's batch)."""
+    accum_steps: int = 1
+    """Gradient accumulation: micro-batches per optimizer step (``training/accumulate.py``), so a global batch of
+    2048 runs on fewer devices. Steps, epochs and the lr schedule count optimizer steps."""
     max_steps: int = 0
     """Stop after this many steps (0 = epochs x steps per epoch)."""
     stop_at_step: int = 0
@@ -100,3 +107,7 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     """auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N."""
+
+    def __post_init__(self) -> None:
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps must be >= 1, got {self.accum_steps}")

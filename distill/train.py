@@ -163,9 +163,10 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         record_bank(exp_dir, bank, resume=True)  # every rank refuses a different bank, not only rank 0
 
     # 2. data: this rank's share of every epoch; teacher targets (online / replay) read only pixels + noise info
-    if dcfg.batch_size % runtime.world_size:
+    if dcfg.batch_size % (runtime.world_size * dcfg.accum_steps):
         raise ValueError(
-            f"distill.batch_size={dcfg.batch_size} is not divisible by {runtime.world_size} ranks"
+            f"distill.batch_size={dcfg.batch_size} is not divisible by {runtime.world_size} ranks x "
+            f"distill.accum_steps={dcfg.accum_steps}"
         )
     loader, sampler = make_loader(
         bank.path,
@@ -219,6 +220,7 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         label_weight=dcfg.loss.label_weight,
         label_temperature=dcfg.loss.label_temperature,
         grad_clip=dcfg.optim.grad_clip,
+        accum_steps=dcfg.accum_steps,
     )
     trainer = Trainer(model, net, optimizer, scheduler, targets, settings, runtime, scaler=scaler)
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.losses import WhitenAxes, feature_losses, label_distillation
+from training.accumulate import accumulate_backward
 from training.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class StepSettings:
     label_weight: float = 0.0
     label_temperature: float = 4.0
     grad_clip: float = 0.0
+    accum_steps: int = 1
+    """Micro-batches per optimizer step (``training.accumulate``): the loader's batch is split into this many."""
 
 
 class Trainer:
@@ -78,8 +81,8 @@ class Trainer:
             matched[name] = target
         return matched
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """One optimisation step on ``batch`` (the bank loader's dict); returns every loss term as a float."""
+    def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Forward and every loss term (float32) of one (micro-)batch."""
         s = self.settings
         # 1. inputs: uint8 pixels -> normalised float on the device
         images_BCHW = self.net.normalize(batch["image"].to(self.device, non_blocking=True))
@@ -88,7 +91,6 @@ class Trainer:
         # 2. targets from the bank (dequantised on the device) or from the teacher
         targets = self.targets(batch)
         # 3. forward
-        self.model.train()
         with self.runtime.autocast():
             out = self.model(images_BCHW)
         logits = out.pop("logits", None)
@@ -103,17 +105,28 @@ class Trainer:
             )
             terms["label"] = label_distillation(logits, interp_BKHW, s.label_temperature)
             terms["loss"] = terms["loss"] + s.label_weight * terms["label"]
-        # one device->host transfer for every term (a float() per term is a sync each on CUDA)
-        values = dict(
-            zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist(), strict=True)
+        return terms
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimisation step on ``batch`` (the bank loader's dict, split into ``accum_steps`` micro-batches,
+        DDP syncing gradients on the last only); returns every loss term (mean over the batch) as a float."""
+        s = self.settings
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = accumulate_backward(
+            self.model,
+            batch,
+            s.accum_steps,
+            self._losses,
+            backward=lambda loss: self.scaler.scale(loss).backward(),
         )
+        # one device->host transfer for every term (a float() per term is a sync each on CUDA)
+        values = dict(zip(terms, torch.stack(list(terms.values())).tolist(), strict=True))
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             listing = ", ".join(f"{k}={v}" for k, v in values.items())
             raise NonFiniteLossError(f"non-finite loss at step {self.step} in {bad}; all terms: {listing}")
-        # 5. backward, clip, update, schedule
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(terms["loss"]).backward()
+        # 5. clip, update, schedule
         self.scaler.unscale_(self.optimizer)
         if s.grad_clip > 0:
             values["grad_norm"] = float(nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip))

@@ -5,6 +5,7 @@ Every value that one setting derives from another is computed here and nowhere e
 * the dataset entry a stage reads (``encode.data``, ``finetune.data``, ``teacher_train.data``);
 * the encode teacher: ``encode.teacher``, else the dataset's ``teacher``;
 * the noise step T: ``encode.t``, else the dataset's ``t`` (the paper's per-dataset choice);
+* the fine-tuning dataset: ``finetune.data``, else the task's (:data:`TASK_DATA`);
 * the bank path: ``encode.bank`` / ``distill.bank``, else ``banks/<encode.data>.zarr`` (:func:`default_bank`).
 
 Stages receive only their own section plus these inputs (``encode.inputs.EncodeInputs`` ...) and write them into
@@ -55,8 +56,21 @@ def _distill(cfg: PipelineConfig) -> DistillInputs:
     return DistillInputs(distill=dataclasses.replace(cfg.distill, bank=bank), teachers=dict(cfg.teachers))
 
 
+TASK_DATA: dict[str, str] = {
+    "ade20k": "ade20k",
+    "coco": "coco",
+    "fewshot": "bedroom-28",
+    "imagenet": "imagenet",
+    "linear": "imagenet",
+}
+"""The dataset a fine-tuning task reads when ``finetune.data`` is empty (``make finetune TASK=imagenet``)."""
+
+
 def _finetune(cfg: PipelineConfig) -> FinetuneInputs:
-    return FinetuneInputs(finetune=cfg.finetune, dataset=cfg.dataset(cfg.finetune.data))
+    ft = cfg.finetune
+    if not ft.data:
+        ft = dataclasses.replace(ft, data=TASK_DATA[ft.task])
+    return FinetuneInputs(finetune=ft, dataset=cfg.dataset(ft.data))
 
 
 def _teacher(cfg: PipelineConfig) -> TeacherTrainInputs:

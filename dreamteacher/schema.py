@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,5 +108,46 @@ def load_pipeline(
     path: str | Path = DEFAULT_CONFIG, overrides: tuple[str, ...] | list[str] = ()
 ) -> PipelineConfig:
     """Read ``pipeline.yaml``, apply ``key.path=value`` overrides, validate into :class:`PipelineConfig`."""
-    data: dict[str, Any] = apply_overrides(read_yaml(path), overrides)
-    return from_mapping(PipelineConfig, data)
+    data: dict[str, Any] = apply_recipe(read_yaml(path), overrides)
+    return from_mapping(PipelineConfig, apply_overrides(data, overrides))
+
+
+DISTILL_RECIPES = RECIPES / "distill"
+
+
+def distill_recipe_name(data: dict[str, Any], overrides: tuple[str, ...] | list[str]) -> str:
+    """The distill recipe a config asks for: ``distill.recipe`` if set, else ``encode.data`` when
+    ``configs/distill/<encode.data>.yaml`` exists, else ``none``."""
+    probe = apply_overrides(copy.deepcopy(data), overrides)
+    named = str((probe.get("distill") or {}).get("recipe") or "")
+    if named:
+        return named
+    by_data = str((probe.get("encode") or {}).get("data") or "")
+    return by_data if by_data and (DISTILL_RECIPES / f"{by_data}.yaml").is_file() else "none"
+
+
+def apply_recipe(data: dict[str, Any], overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    """Merge the selected ``configs/distill/<name>.yaml`` into ``data['distill']`` (pipeline.yaml < recipe <
+    command line); records the name in ``distill.recipe``. The result is validated by the same typed loader, so
+    an unknown key in a recipe is rejected like one in pipeline.yaml."""
+    name = distill_recipe_name(data, overrides)
+    section = data.setdefault("distill", {}) or {}
+    data["distill"] = section
+    if name != "none":
+        path = DISTILL_RECIPES / f"{name}.yaml"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in DISTILL_RECIPES.glob("*.yaml"))
+            raise ConfigError(
+                f"distill.recipe={name!r}: no {path}; shipped recipes: {', '.join(shipped)}, or none"
+            )
+        _merge(section, read_yaml(path))
+    section["recipe"] = name
+    return data
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)

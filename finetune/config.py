@@ -15,6 +15,9 @@ SEGMENTATION_PROTOCOL_ITERS: dict[str, int] = {"ade20k": 160_000, "fewshot": 20_
 UperNet (MMSegmentation defaults) for 160k iterations; the label-efficient benchmarks (bedroom-28, FFHQ-34, cat-15,
 horse-21: 20-40 labelled images) are UperNet for 20k iterations (at batch 16, 8000 passes over 40 images)."""
 
+PROTOCOL_BATCH: dict[str, int] = {"ade20k": 16, "coco": 16, "fewshot": 16, "imagenet": 2048, "linear": 16384}
+"""Default global ``batch_size`` per task: mmseg / detectron2 16; RSB A2 2048; MAE's linear probe 16384."""
+
 Norm = Literal["sync", "batch", "frozen"]
 """Backbone batch-norm handling: ``sync`` = SyncBatchNorm across ranks (plain BatchNorm on one process),
 ``batch`` = per-rank BatchNorm, ``frozen`` = FrozenBatchNorm2d (statistics and affine fixed)."""
@@ -134,12 +137,93 @@ class DetectionConfig:
 
 
 @dataclass(kw_only=True)
+class ClassifyOptimConfig:
+    """Optimizer (timm ``create_optimizer_v2``) and cosine schedule (timm ``create_scheduler_v2``, per update)."""
+
+    name: str = "lamb"
+    """Any ``create_optimizer_v2`` name: lamb (RSB), lars (MAE linear probe), sgd, adamw, ..."""
+    lr: float = 5e-3
+    lr_base_size: int = 0
+    """0: ``lr`` is the lr at any batch; N: the lr is ``lr x batch_size / N`` (MAE: base lr 0.1 at 256)."""
+    weight_decay: float = 0.02
+    momentum: float = 0.9
+    """SGD / LARS momentum."""
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    grad_clip: float = 0.0
+
+
+@dataclass(kw_only=True)
+class ClassificationConfig:
+    """Image classification on an ``imagefolder`` dataset: fine-tuning (``imagenet``, defaults = timm's "ResNet
+    strikes back" A2) and the linear probe (``linear``, :func:`linear_probe_protocol`: MAE's). docs/finetune.md."""
+
+    num_classes: int = 0
+    """0 = the class folders of the train split."""
+    train_split: str = "train"
+    val_split: str = "val"
+    epochs: int = 300
+    img_size: int = 224
+    """Train and test resolution."""
+    crop_pct: float = 0.95
+    """Test: resize to img_size / crop_pct, center crop img_size."""
+    interpolation: str = "bicubic"
+    scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range."""
+    hflip: float = 0.5
+    auto_augment: str = "rand-m7-mstd0.5-inc1"
+    """timm RandAugment string; empty = none."""
+    mixup: float = 0.1
+    cutmix: float = 1.0
+    """Mixup / CutMix alphas (timm ``Mixup``, one of the two per batch; 0 and 0 = off)."""
+    smoothing: float = 0.0
+    loss: Literal["bce", "ce"] = "bce"
+    """bce: timm ``BinaryCrossEntropy``; ce: ``SoftTargetCrossEntropy`` with mixup, else label-smoothing CE."""
+    bce_target_thresh: float = 0.2
+    """BCE targets binarised at this threshold (timm ``--bce-target-thresh``; 0 = off)."""
+    repeats: int = 3
+    """Repeated augmentation: each image this many times per epoch, differently augmented (1 = off)."""
+    drop_path: float = 0.05
+    """Stochastic depth of the fine-tuned model (not used by the linear probe)."""
+    ema_decay: float = 0.0
+    """Model EMA (timm ``ModelEmaV3``) decay, evaluated in place of the model; 0 = off (RSB A2: no EMA)."""
+    optim: ClassifyOptimConfig = field(default_factory=ClassifyOptimConfig)
+
+
+def linear_probe_protocol() -> ClassificationConfig:
+    """MAE's linear probe (He et al. 2022, appendix A.2): LARS, base lr 0.1 (x batch / 256), wd 0, momentum 0.9,
+    batch 16384, 90 epochs with 10 warm-up, RandomResizedCrop + flip only, test resize 256 + center crop 224."""
+    return ClassificationConfig(
+        epochs=90,
+        crop_pct=0.875,
+        auto_augment="",
+        mixup=0.0,
+        cutmix=0.0,
+        loss="ce",
+        bce_target_thresh=0.0,
+        repeats=1,
+        drop_path=0.0,
+        optim=ClassifyOptimConfig(
+            name="lars",
+            lr=0.1,
+            lr_base_size=256,
+            weight_decay=0.0,
+            warmup_epochs=10,
+            min_lr=0.0,
+            warmup_lr=0.0,
+        ),
+    )
+
+
+@dataclass(kw_only=True)
 class FinetuneConfig:
     """``dreamteacher finetune``: one downstream run."""
 
-    task: Literal["ade20k", "coco", "fewshot"] = "ade20k"
-    data: str = "ade20k"
-    """Name in ``datasets:`` (its layout must match the task)."""
+    task: Literal["ade20k", "coco", "fewshot", "imagenet", "linear"] = "ade20k"
+    data: str = ""
+    """Name in ``datasets:`` (its layout must match the task); empty = the task's dataset (``dreamteacher.resolve``:
+    ade20k, coco, bedroom-28 for fewshot, imagenet for imagenet and linear)."""
     backbone: str = "resnet50"
     """timm model name of the backbone (strides 4/8/16/32: resnet18/50/101, convnext_atto/base, ...)."""
     ckpt: str = ""
@@ -150,8 +234,11 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N."""
-    batch_size: int = 16
-    """Global batch size (split across ranks)."""
+    batch_size: int = 0
+    """Global batch size = per-device batch x devices x ``accum_steps``; 0 = the task's protocol
+    (:data:`PROTOCOL_BATCH`), filled in when the config is built."""
+    accum_steps: int = 1
+    """Gradient accumulation: micro-batches per optimizer step (``training/accumulate.py``)."""
     num_workers: int = 4
     amp: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
@@ -165,6 +252,10 @@ class FinetuneConfig:
     """Validation images drawn in ``predictions.png``."""
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
+    classify: ClassificationConfig = field(default_factory=ClassificationConfig)
+    """``task: imagenet``: full fine-tuning (RSB A2)."""
+    linear: ClassificationConfig = field(default_factory=linear_probe_protocol)
+    """``task: linear``: frozen backbone, BatchNorm (no affine) + linear head (MAE protocol)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -175,8 +266,14 @@ class FinetuneConfig:
         elif self.segmentation.iters == 0 and self.task in SEGMENTATION_PROTOCOL_ITERS:
             # A copy, not an edit: a SegmentationConfig passed in may be shared with another task's config.
             self.segmentation = replace(self.segmentation, iters=SEGMENTATION_PROTOCOL_ITERS[self.task])
+        if self.batch_size == 0:
+            self.batch_size = PROTOCOL_BATCH[self.task]
         if self.batch_size < 1:
-            problems.append(f"finetune.batch_size must be >= 1, got {self.batch_size}")
+            problems.append(
+                f"finetune.batch_size must be >= 1 (0 = the task's protocol), got {self.batch_size}"
+            )
+        if self.accum_steps < 1:
+            problems.append(f"finetune.accum_steps must be >= 1, got {self.accum_steps}")
         if self.segmentation.aug.crop_size < 32:
             problems.append("finetune.segmentation.aug.crop_size must be >= 32 (the backbone's stride)")
         if sorted(self.detection.optim.milestones) != list(self.detection.optim.milestones):

@@ -174,6 +174,7 @@ def run_detection(
             on_eval=lambda step: evaluate(step),
             eval_every=cfg.eval_every,
             seed=cfg.seed,
+            accum_steps=cfg.accum_steps,
             progress=progress,
         )
     # 3. Evaluate, report.

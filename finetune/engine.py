@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from finetune.config import OptimConfig
 from finetune.optim import set_lr
+from training.accumulate import accumulate_backward
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.metrics import MetricsLog
 from training.runtime import Runtime
@@ -59,11 +62,18 @@ def train_loop(
     eval_every: int = 0,
     seed: int = 0,
     progress: bool = True,
+    accum_steps: int = 1,
+    schedule: Callable[[int], float] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    extra_state: Callable[[], dict[str, object]] | None = None,
 ) -> list[float]:
     """Run steps ``start..total-1``; returns the per-step total loss (this rank).
 
-    Torch's RNG (dropout, RoI sampling) is re-seeded from ``(seed, step, rank)`` every step, so a resumed run
-    repeats an uninterrupted one exactly on the same hardware.
+    Torch's, numpy's and Python's RNGs (dropout, RoI sampling, Mixup / CutMix) are re-seeded from
+    ``(seed, step, rank)`` every step, so a resumed run repeats an uninterrupted one exactly on the same hardware.
+    Each step's batch is split into ``accum_steps`` micro-batches (``training.accumulate``). ``schedule(step)``
+    sets and returns the lr (default: ``optim_cfg``'s warm-up + poly / step); ``after_step(done)`` runs after each
+    update (model EMA); ``extra_state()`` adds entries to the checkpoint (the EMA weights).
     """
     history: list[float] = []
     model.train()
@@ -72,23 +82,31 @@ def train_loop(
     )
     for step, batch in zip(bar, batches, strict=False):
         # 1. Learning rate and RNG state for this step.
-        lr = set_lr(optimizer, step, total, optim_cfg)
-        torch.manual_seed(seed * 1_000_003 + step * 1_009 + runtime.rank)
-        # 2. Forward + losses under autocast.
-        with runtime.autocast():
-            losses = compute_losses(model, batch)
-        loss = sum(losses.values())
-        if not math.isfinite(float(loss.detach())):
+        lr = schedule(step) if schedule is not None else set_lr(optimizer, step, total, optim_cfg)
+        step_seed = seed * 1_000_003 + step * 1_009 + runtime.rank
+        torch.manual_seed(step_seed)
+        np.random.seed(step_seed % 2**32)
+        random.seed(step_seed)
+        # 2. Forward + losses under autocast, backward per micro-batch (DDP syncs on the last one).
+        optimizer.zero_grad(set_to_none=True)
+
+        def forward(part: object) -> dict[str, torch.Tensor]:
+            with runtime.autocast():
+                return compute_losses(model, part)
+
+        losses = accumulate_backward(model, batch, accum_steps, forward, total_key=None)
+        loss = losses.pop("_total")
+        if not math.isfinite(float(loss)):
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
             raise FloatingPointError(
                 f"non-finite loss at step {step}: {terms}; lower the lr or check the data"
             )
-        # 3. Backward, clip, update.
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # 3. Clip, update.
         if optim_cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step(step + 1)
         loss_value = float(loss.detach())
         history.append(loss_value)
         done = step + 1
@@ -98,7 +116,8 @@ def train_loop(
             log.log(done, {"train/loss": loss_value, "train/lr": lr, **terms})
             bar.set_postfix(loss=f"{loss_value:.4f}")
         if runtime.is_main and (done % checkpoint_every == 0 or done == total):
-            save_checkpoint(checkpoint, checkpoint_state(unwrap(model), optimizer, done))
+            state = checkpoint_state(unwrap(model), optimizer, done)
+            save_checkpoint(checkpoint, state | (extra_state() if extra_state is not None else {}))
         if on_eval is not None and eval_every > 0 and done % eval_every == 0 and done != total:
             on_eval(done)
             model.train()

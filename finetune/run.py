@@ -18,6 +18,8 @@ TASKS: dict[str, tuple[str, str]] = {
     "ade20k": ("ade20k", "finetune.segmentation:run_segmentation"),
     "fewshot": ("fewshot", "finetune.segmentation:run_segmentation"),
     "coco": ("coco", "finetune.detection:run_detection"),
+    "imagenet": ("imagefolder", "finetune.classification:run_classification"),
+    "linear": ("imagefolder", "finetune.classification:run_classification"),
 }
 
 

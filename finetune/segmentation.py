@@ -198,6 +198,7 @@ def run_segmentation(
             on_eval=evaluate,
             eval_every=cfg.eval_every,
             seed=cfg.seed,
+            accum_steps=cfg.accum_steps,
             progress=progress,
         )
     # 3. Evaluate, report.

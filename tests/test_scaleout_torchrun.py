@@ -87,6 +87,23 @@ def bank(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_bank(tmp_path_factory.mktemp("bank") / "tiny.zarr")
 
 
+@pytest.mark.slow  # a pair of fresh Python processes importing torch + timm
+def test_two_node_distill_with_gradient_accumulation_keeps_ranks_identical(
+    bank: Path, tmp_path: Path
+) -> None:
+    # 4 images per rank per step in 2 micro-batches of 2: DDP skips the all-reduce on the first (no_sync) and
+    # averages the accumulated gradient on the second, so the ranks must still hold identical weights
+    out = tmp_path / "runs"
+    run_two_nodes(distill_args(bank, out, "accum", "distill.accum_steps=2"), tmp_path, "accum")
+    weights = rank_weights(tmp_path, "accum")
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    state = torch.load(out / "accum" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
+    rows = (out / "accum" / "rows" / "rank0.txt").read_text().splitlines()
+    assert [len(line.split()) for line in rows] == [4, 4, 4, 4]  # the loader batch is the rank's whole batch
+
+
 @pytest.mark.slow  # three pairs of fresh Python processes importing torch + timm
 def test_two_node_distill_covers_each_epoch_agrees_and_resumes(bank: Path, tmp_path: Path) -> None:
     from test_distill_train import DRAWS, FLIPS, NUM_IMAGES

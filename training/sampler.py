@@ -40,14 +40,20 @@ class StepBatchSampler(Sampler[list]):
         *,
         with_seeds: bool = True,
         key: str = "batch_size",
+        repeats: int = 1,
     ) -> None:
-        """``key`` names the batch-size config key for the error message (``finetune.batch_size``)."""
+        """``key`` names the batch-size config key for the error message (``finetune.batch_size``).
+
+        ``repeats`` > 1 is repeated augmentation (Hoffer et al. 2020; timm's ``RepeatAugSampler``): an epoch of
+        ``size`` positions holds ``size / repeats`` images, each ``repeats`` times in a row (so in one global batch
+        but for the batch's last), each copy with its own sample seed, i.e. its own augmentation."""
         if size < 1:
             raise ValueError(f"no training items to sample from (size={size})")
         if global_batch % world:
             raise ValueError(f"{key}={global_batch} is not divisible by the {world} ranks")
         self.size, self.batch, self.total, self.start = size, global_batch, total, start
         self.seed, self.rank, self.world, self.with_seeds = seed, rank, world, with_seeds
+        self.repeats = max(1, repeats)
         self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def __len__(self) -> int:
@@ -55,7 +61,10 @@ class StepBatchSampler(Sampler[list]):
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._cached[0] != epoch:
-            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.size))
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            if self.repeats > 1:
+                order = np.repeat(order, self.repeats)[: self.size]
+            self._cached = (epoch, order)
         return self._cached[1]
 
     def batch_keys(self, step: int) -> list[tuple[int, int]]:
