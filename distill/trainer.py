@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.losses import WhitenAxes, feature_losses, label_distillation
+from training.deferred import DeferredTerms
 from training.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class Trainer:
         self.device = runtime.device
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler(self.device.type, enabled=False)
         self.step = step
+        self.terms = DeferredTerms(NonFiniteLossError)
+        """Each step's loss terms, on the device until :meth:`flush` (no host sync inside a step)."""
         self._resized_logged: set[str] = set()
 
     def _match_size(self, preds: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict:
@@ -78,8 +80,13 @@ class Trainer:
             matched[name] = target
         return matched
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """One optimisation step on ``batch`` (the bank loader's dict); returns every loss term as a float."""
+    def flush(self) -> list[dict[str, float]]:
+        """The loss terms (and ``grad_norm``, ``lr``) of every step since the last flush, as floats; raises
+        :class:`NonFiniteLossError` for the first step with a non-finite term. Call before logging or saving."""
+        return self.terms.flush()
+
+    def train_step(self, batch: dict) -> None:
+        """One optimisation step on ``batch`` (the bank loader's dict); its terms are queued for :meth:`flush`."""
         s = self.settings
         # 1. inputs: uint8 pixels -> normalised float on the device
         images_BCHW = self.net.normalize(batch["image"].to(self.device, non_blocking=True))
@@ -103,23 +110,17 @@ class Trainer:
             )
             terms["label"] = label_distillation(logits, interp_BKHW, s.label_temperature)
             terms["loss"] = terms["loss"] + s.label_weight * terms["label"]
-        # one device->host transfer for every term (a float() per term is a sync each on CUDA)
-        values = dict(
-            zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist(), strict=True)
-        )
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad:
-            listing = ", ".join(f"{k}={v}" for k, v in values.items())
-            raise NonFiniteLossError(f"non-finite loss at step {self.step} in {bad}; all terms: {listing}")
-        # 5. backward, clip, update, schedule
+        # 5. backward, clip, update, schedule. No host sync: the terms stay on the device until flush() (the
+        #    finite check runs there, at most log_every steps late and always before a checkpoint).
+        values: dict[str, torch.Tensor | float] = dict(terms)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
         self.scaler.unscale_(self.optimizer)
         if s.grad_clip > 0:
-            values["grad_norm"] = float(nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip))
+            values["grad_norm"] = nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.terms.add(self.step, values, unchecked=("grad_norm",))
         self.step += 1
         self.scheduler.step_update(self.step)
-        values["lr"] = self.optimizer.param_groups[0]["lr"]
-        return values
