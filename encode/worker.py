@@ -157,6 +157,12 @@ def get_decoder(num_workers: int, prefetch_factor: int) -> DecodePool:
         return _DECODERS[key]
 
 
+def clear_writers() -> None:
+    """Drop the cached bank writers only (a benchmark deleting and re-encoding a bank keeps its loaded teacher)."""
+    with _CACHE_LOCK:
+        _WRITERS.clear()
+
+
 def clear_caches() -> None:
     """Drop cached encoders, writers and decoding workers (tests; a process switching banks)."""
     with _CACHE_LOCK:

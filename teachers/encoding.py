@@ -194,3 +194,15 @@ class TeacherEncoder:
             t_B = torch.full((x0_BCHW.shape[0],), self.t, dtype=torch.long, device=self.device)
             features = self._readout(xt_BCHW, t_B)
         return {name: feats.float().contiguous() for name, feats in features.items()}
+
+
+def readout_flops(encoder: TeacherEncoder, views: int = 1) -> int:
+    """FLOPs of one ``encoder`` call on ``views`` blank views, as ``torch.utils.flop_counter.FlopCounterMode`` counts
+    them (convolutions, matmuls, attention; 2 per multiply-add). On the meta device it counts without computing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x0_BCHW = torch.zeros(views, 3, encoder.resolution, encoder.resolution, device=encoder.device)
+    eps_BCHW = torch.zeros(views, *encoder.noise_shape, device=encoder.device)
+    with FlopCounterMode(display=False) as counter:
+        encoder(x0_BCHW, eps_BCHW if encoder.mode == "noise" else None)
+    return int(counter.get_total_flops())
