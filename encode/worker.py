@@ -261,7 +261,11 @@ def _encode_claimed_shard(
         eps_VCHW = None
         if settings.encode.mode == "noise":
             eps_VCHW = make_noise(seed[row_idx_V.numpy()].tolist(), flip_V.tolist(), encoder.noise_shape)
-        # 3d. One teacher read-out, serialised with the other task threads of this process.
+        # 3d. One teacher read-out, serialised with the other task threads of this process. Indexing and repeating
+        #     made new (pageable) tensors: pin them, so the non_blocking copies really overlap the GPU's work.
+        if device.type == "cuda":
+            views_u8_VCHW = views_u8_VCHW.pin_memory()
+            eps_VCHW = None if eps_VCHW is None else eps_VCHW.pin_memory()
         x0_VCHW = to_model_range(views_u8_VCHW.to(device, non_blocking=True))
         #     No synchronize: on CUDA the kernels are queued and this thread runs ahead to the next batch.
         with compute_lock:
