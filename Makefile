@@ -32,7 +32,7 @@ TORCHRUN_ARGS = $(if $(filter 1,$(NNODES)),--standalone --nproc_per_node=$(GPUS)
 opt = $(if $(2),$(1)=$(2))
 
 .PHONY: venv demo test test-all lint format teacher encode distill finetune bank-info bank-verify \
-        bench-encode bench-bank bench-distill clean
+        bench-encode bench-bank bench-distill gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -99,6 +99,18 @@ bench-bank: $(STAMP)
 
 bench-distill: $(STAMP)
 	$(PY) benchmarks/bench_distill.py $(ARGS)
+
+# GPU hot paths on one CUDA GPU (benchmarks/gpu_check.py): one markdown table in < 8 min; without a GPU it says so
+# and exits 0 (not part of `make test`). The GPU machine's own Python (GPU_PYTHON; it has torch, torchvision, timm,
+# safetensors, tensorboard) gets the project's other dependencies from the wheels `make gpu-wheels` downloads here.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_WHEELS ?= .gpu-wheels
+
+gpu-wheels:
+	PIP="$(VENV)/bin/pip" scripts/gpu_wheels.sh $(GPU_WHEELS)
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --wheels $(GPU_WHEELS) $(ARGS)
 
 clean:
 	rm -rf data banks runs .pytest_cache
