@@ -32,7 +32,7 @@ TORCHRUN_ARGS = $(if $(filter 1,$(NNODES)),--standalone --nproc_per_node=$(GPUS)
 opt = $(if $(2),$(1)=$(2))
 
 .PHONY: venv demo test test-all lint format teacher encode distill finetune bank-info bank-verify \
-        bench-encode bench-bank bench-distill study clean
+        bench-encode bench-bank bench-distill study gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -103,6 +103,18 @@ bench-distill: $(STAMP)
 # The cache-cost study (docs/cache-cost.md): about an hour on 2 CPU cores; ARGS=--quick for the ~10-minute grid.
 study: $(STAMP)
 	$(PY) benchmarks/study_cache_cost.py $(ARGS)
+
+# GPU hot paths on one CUDA GPU (benchmarks/gpu_check.py): one markdown table in < 8 min; without a GPU it says so
+# and exits 0 (not part of `make test`). The GPU machine's own Python (GPU_PYTHON; it has torch, torchvision, timm,
+# safetensors, tensorboard) gets the project's other dependencies from the wheels `make gpu-wheels` downloads here.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_WHEELS ?= .gpu-wheels
+
+gpu-wheels:
+	PIP="$(VENV)/bin/pip" scripts/gpu_wheels.sh $(GPU_WHEELS)
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --wheels $(GPU_WHEELS) $(ARGS)
 
 clean:
 	rm -rf data banks runs .pytest_cache

@@ -84,19 +84,30 @@ def write_bench_bank(path: Path, num_images: int) -> Path:
     return path
 
 
-def bench_bank_mode(bank: Path, out: Path, batch: int, steps: int, warmup: int) -> dict[str, float]:
-    """Real run_distill with the config's default loader settings; per-step figures from metrics.jsonl."""
+def bench_bank_mode(
+    bank: Path,
+    out: Path,
+    batch: int,
+    steps: int,
+    warmup: int,
+    *,
+    student: str = "resnet50",
+    extra: tuple[str, ...] = (),
+) -> dict[str, float]:
+    """Real run_distill with the config's default loader settings; per-step figures from metrics.jsonl.
+    ``extra``: further ``KEY.PATH=VALUE`` overrides (gpu-check's device)."""
     cfg = load_pipeline(
         REPO / "pipeline.yaml",
         [
             f"distill.bank={bank}",
             f"distill.out={out}",
             "distill.exp=bench-bank",
-            "distill.student.name=resnet50",
+            f"distill.student.name={student}",
             f"distill.batch_size={batch}",
             f"distill.max_steps={warmup + steps}",
             "distill.log_every=1",
             f"distill.checkpoint_every={10**9}",
+            *extra,
         ],
     )
     run_distill(resolve(cfg, "distill"), progress=False)

@@ -90,9 +90,9 @@ def bench_end_to_end(
     from dreamteacher.resolve import resolve
     from dreamteacher.schema import load_pipeline
     from encode.pipeline import run_encode
-    from encode.worker import EncodeSettings, get_encoder
+    from encode.worker import EncodeSettings, clear_writers, get_encoder
     from sources.images import list_images, load_image, to_model_range
-    from teachers.encoding import make_noise, row_seed
+    from teachers.encoding import TeacherEncoder, make_noise, row_seed
 
     cfg = load_pipeline(
         ROOT / "pipeline.yaml",
@@ -115,6 +115,7 @@ def bench_end_to_end(
     flips, views = settings.flips, settings.views_per_image
     encoder, _ = get_encoder(settings)  # the same cached encoder run_encode's in-process tasks use
     params = sum(p.numel() for p in encoder.teacher.parameters())
+    from teachers.encoding import readout_flops
 
     # 1. Bare read-out on pre-decoded batches with the same composition as the encode's.
     records = list_images("bench", inputs.dataset)
@@ -129,12 +130,23 @@ def bench_end_to_end(
         batches.append((to_model_range(u8).to(encoder.device), make_noise(seeds, flip_flags, u8.shape[1:])))
     encoder(*batches[0])  # warm-up (allocator, kernels)
     sync = torch.cuda.synchronize if encoder.device.type == "cuda" else (lambda: None)
+    # the same read-out running the whole UNet (teacher.early_stop=false), for the early stop's speed-up
+    full = TeacherEncoder(
+        encoder.teacher, encoder.taps, mode=encoder.mode, t=encoder.t, ddim_steps=encoder.ddim_steps,
+        resolution=encoder.resolution, device=encoder.device, dtype_name=encoder.dtype_name,
+        channels_last=encoder.channels_last, early_stop=False,
+    )  # fmt: skip
+    full(*batches[0])
+    # FLOPs of one view's read-out, counted on a real pass (a teacher too big for that is counted on the meta
+    # device by the caller: bench_adm)
+    small = params < 100e6
+    flops = (readout_flops(full), readout_flops(encoder)) if small else (0, 0)
 
-    def bare_seconds() -> float:
+    def bare_seconds(readout: TeacherEncoder = encoder) -> float:
         sync()
         start = time.perf_counter()
         for x0, eps in batches:
-            encoder(x0, eps.to(encoder.device))
+            readout(x0, eps.to(encoder.device))
         sync()
         return time.perf_counter() - start
 
@@ -153,21 +165,33 @@ def bench_end_to_end(
         bare.append(pool.submit(bare_seconds).result())
         for _ in range(repeats):
             shutil.rmtree(tmp / "bank.zarr", ignore_errors=True)
+            clear_writers()  # a cached writer would still hold the deleted bank's done shards
             summary = run_encode(inputs, use_dask=False, progress=False)
             e2e.append(summary.wall_seconds)
             teacher.append(summary.teacher_seconds)
             bare.append(pool.submit(bare_seconds).result())
+        # bare read-outs without the early stop, bracketed by early-stopped ones like the end-to-end runs
+        bare_full = []
+        for _ in range(max(1, min(repeats, 3))):
+            bare_full.append(pool.submit(bare_seconds, full).result())
+            bare.append(pool.submit(bare_seconds).result())
     around = [(before + after) / 2 for before, after in itertools.pairwise(bare)]
+    around_full = around[len(e2e) :]
+    around = around[: len(e2e)]
     ratios = [b / e for b, e in zip(around, e2e, strict=True)]
-    drift = [after / before for before, after in itertools.pairwise(bare)]
+    drift = [after / before for before, after in itertools.pairwise(bare[: len(e2e) + 1])]
     return {
         "params_m": params / 1e6,
+        "flops_full": flops[0],
+        "flops_early": flops[1],
         "taps": [(t.name, t.channels, t.height, t.width) for t in encoder.taps_info],
         "images": len(records),
         "views": len(records) * views,
         "resolution": resolution,
         "batch": enc.batch_size,
         "bare_img_s": len(records) / statistics.median(bare),
+        "bare_full_img_s": len(records) / statistics.median(bare_full),
+        "early_stop_speedup": statistics.median([f / b for f, b in zip(bare_full, around_full, strict=True)]),
         "e2e_img_s": len(records) / statistics.median(e2e),
         "ratio": statistics.median(ratios),
         "ratio_range": (min(ratios), max(ratios)),
@@ -211,20 +235,98 @@ def bench_adm(device: str, images: int, repeats: int) -> dict:
             device, tmp, make_adm_teacher(tmp), 256, 16 if on_gpu else images, 1, repeats, views
         )
     result["bytes_per_view"] = bytes_per_view
+    result["flops_full"], result["flops_early"] = adm_flops_per_view()
     return result
 
 
-def format_tables(unets: list[dict], adm: dict | None, machine: str) -> str:
+def bench_demo_teacher(device: str, batch: int = 32, repeats: int = 5) -> dict:
+    """The demo teacher (assets/demo-teacher, six levels at 64 px): FLOPs per view and bare read-out img/s with and
+    without the early stop, one torch thread on CPU (alternating runs, medians)."""
+    from teachers.diffusers_unet import DiffusersTeacher
+    from teachers.encoding import TeacherEncoder, readout_flops
+
+    teacher = DiffusersTeacher.from_pretrained(str(ROOT / "assets" / "demo-teacher")).eval().to(device)
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    res = teacher.resolution
+    x0 = (torch.rand(batch, 3, res, res, generator=g) * 2 - 1).to(device)
+    eps = torch.randn(batch, 3, res, res, generator=g).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    encoders, seconds, flops = {}, {False: [], True: []}, {}
+    for early_stop in (False, True):
+        encoders[early_stop] = TeacherEncoder(
+            teacher, teacher.default_taps(), mode="noise", t=50, ddim_steps=1, resolution=res, device=device,
+            dtype_name="fp32", channels_last=False, early_stop=early_stop,
+        )  # fmt: skip
+        flops[early_stop] = readout_flops(encoders[early_stop])
+        encoders[early_stop](x0, eps)  # warm-up
+    for _ in range(repeats):
+        for early_stop in (False, True):
+            sync()
+            start = time.perf_counter()
+            encoders[early_stop](x0, eps)
+            sync()
+            seconds[early_stop].append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    whole, early = statistics.median(seconds[False]), statistics.median(seconds[True])
+    return {
+        "flops_full": flops[False],
+        "flops_early": flops[True],
+        "batch": batch,
+        "res": res,
+        "s_full": whole,
+        "s_early": early,
+        "threads": 1 if device == "cpu" else threads,
+        "stop_after": encoders[True].stop_after,
+    }
+
+
+def adm_flops_per_view() -> tuple[int, int]:
+    """FLOPs of one ADM-256 view's read-out at T=150, whole UNet and early-stopped, counted on the meta device."""
+    from teachers.adm import ADMTeacher, adm_from_flags
+    from teachers.adm_presets import preset_flags
+    from teachers.encoding import TeacherEncoder, readout_flops
+
+    teacher = ADMTeacher(adm_from_flags(preset_flags("adm-256-uncond"), device="meta")).eval()
+    counts = []
+    for early_stop in (False, True):
+        encoder = TeacherEncoder(
+            teacher, teacher.default_taps(), mode="noise", t=150, ddim_steps=1, resolution=256, device="meta",
+            dtype_name="fp32", channels_last=False, early_stop=early_stop,
+        )  # fmt: skip
+        counts.append(readout_flops(encoder))
+    return counts[0], counts[1]
+
+
+def format_tables(unets: list[dict], adm: dict | None, machine: str, demo: dict | None = None) -> str:
     unet = unets[0]
-    lines = [
-        f"Machine: {machine}.",
-        "",
-        "| teacher | params | teacher threads | images (views) | res | batch (views) | bare read-out img/s "
+    lines = [f"Machine: {machine}.", ""]
+    if demo:
+        lines += [
+            "| demo teacher (assets/demo-teacher), bare read-out | whole UNet | early stop | ratio |",
+            "|---|---|---|---|",
+            f"| GFLOP per view | {demo['flops_full'] / 1e9:.3f} | {demo['flops_early'] / 1e9:.3f} "
+            f"| {demo['flops_full'] / demo['flops_early']:.2f}x |",
+            f"| s per batch of {demo['batch']} at {demo['res']} px, {demo['threads']} thread(s) | {demo['s_full']:.3f} "
+            f"| {demo['s_early']:.3f} | {demo['s_full'] / demo['s_early']:.2f}x |",
+            "",
+            f"The demo teacher has six levels, so its last tap ({demo['stop_after']}, stride 4) leaves two decoder",
+            "levels and the output head unrun. The UNet rows below are a four-level UNet whose default taps reach its",
+            "top level: there the early stop skips only the output head (GFLOP/view nearly equal).",
+            "",
+        ]
+    lines += [
+        "| teacher | params | teacher threads | images (views) | res | batch (views) | GFLOP/view whole / early stop "
+        "| bare img/s whole UNet | bare read-out img/s (early stop) | early-stop speed-up "
         "| end-to-end img/s | ratio (range) | bare drift | teacher busy | teacher time / bare | bank MB | MB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(
             f"| UNet2DModel (64,128,256,256), random init | {u['params_m']:.1f}M | {u['threads']} "
-            f"| {u['images']} ({u['views']}) | {u['resolution']} | {u['batch']} | {u['bare_img_s']:.2f} "
+            f"| {u['images']} ({u['views']}) | {u['resolution']} | {u['batch']} "
+            f"| {u['flops_full'] / 1e9:.3f} / {u['flops_early'] / 1e9:.3f} | {u['bare_full_img_s']:.2f} "
+            f"| {u['bare_img_s']:.2f} | {u['early_stop_speedup']:.2f}x "
             f"| {u['e2e_img_s']:.2f} | **{u['ratio']:.2f}** ({u['ratio_range'][0]:.2f}-{u['ratio_range'][1]:.2f}) "
             f"| {u['bare_drift'][0]:.2f}-{u['bare_drift'][1]:.2f} | {u['busy']:.0%} | {u['teacher_vs_bare']:.2f} "
             f"| {u['bank_mb']:.1f} | {u['mb_s']:.2f} |"
@@ -233,7 +335,11 @@ def format_tables(unets: list[dict], adm: dict | None, machine: str) -> str:
         "",
         "End-to-end = `run_encode` in-process (`--no-dask`): listing, decoding in worker processes, noise, teacher,",
         "int8 codec, shard file writes, done markers, summary; draws=2, flips=both (4 views per image), T=150. Bare =",
-        "the same read-outs on pre-decoded batches of the same composition. Bare and end-to-end runs alternate,",
+        "the same read-outs on pre-decoded batches of the same composition, stopped after the last tap",
+        "(teacher.early_stop, the default): the baseline of the ratio. GFLOP/view = torch.utils.flop_counter of one",
+        "view's read-out, whole UNet / stopped after the last tap. Bare img/s whole UNet = the same read-outs with",
+        "teacher.early_stop=false; early-stop speed-up = median of its time over the mean of the early-stopped bare",
+        "runs around it. Bare and end-to-end runs alternate,",
         f"bare first and last ({unet['repeats']} end-to-end runs); ratio = median over the end-to-end runs of the mean",
         "time of the two bare runs around it / its own time, with the lowest and highest in brackets. Bare drift =",
         "range of each bare run's time over the one before it (1.00 = a quiet machine): the noise floor of a ratio.",
@@ -262,8 +368,11 @@ def format_tables(unets: list[dict], adm: dict | None, machine: str) -> str:
             f"| taps | {taps} |",
             f"| images (views), batch (views), device | {adm['images']} ({adm['views']}), {adm['batch']}, "
             f"{adm['device']} |",
-            f"| bare read-out | {adm['bare_img_s']:.4f} img/s ({adm['views'] / adm['images'] * adm['bare_img_s']:.4f}"
-            " views/s) |",
+            f"| TFLOP per view, whole UNet / early stop (input of output_blocks.11.1) | {adm['flops_full'] / 1e12:.3f}"
+            f" / {adm['flops_early'] / 1e12:.3f} ({adm['flops_full'] / adm['flops_early']:.2f}x) |",
+            f"| bare read-out, whole UNet | {adm['bare_full_img_s']:.4f} img/s |",
+            f"| bare read-out, early stop | {adm['bare_img_s']:.4f} img/s "
+            f"({adm['views'] / adm['images'] * adm['bare_img_s']:.4f} views/s; {adm['early_stop_speedup']:.2f}x) |",
             f"| end-to-end `run_encode` | {adm['e2e_img_s']:.4f} img/s (ratio **{adm['ratio']:.2f}**, teacher busy "
             f"{adm['busy']:.0%}) |",
             f"| bytes per view (paper's taps) | {codec_bytes} |",
@@ -353,8 +462,9 @@ def main(
                 )
             )
             torch.set_num_threads(default_threads)  # encode.cpu_threads is process-wide
+    demo = bench_demo_teacher(device)
     adm = None if no_adm else bench_adm(device, adm_images, adm_repeats)
-    text = format_tables(unets, adm, machine)
+    text = format_tables(unets, adm, machine, demo)
     print(text)
     if update_docs:
         write_docs(text)

@@ -296,16 +296,19 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         if label_logits is not None:
             batch["label_logits"] = label_logits(batch["row"])
         targets.set_epoch(epoch)  # fresh online noise is a function of the visit
-        values = trainer.train_step(batch)
+        trainer.train_step(batch)
         batches_done += 1
         if audit is not None:
             audit.write(" ".join(str(int(r)) for r in batch["row"]) + "\n")
         bar.update(1)
-        window.add(values)
         timed_steps += 1
+        log_now = trainer.step % dcfg.log_every == 0 or trainer.step == total_steps
+        if log_now or trainer.step % dcfg.checkpoint_every == 0 or trainer.step >= stop_at:
+            for values in trainer.flush():  # the window's one host sync (raises for a non-finite step)
+                window.add(values)
         # records at log boundaries and at the schedule's end, never at a session's stop_at_step: a stopped
         # session's partial window goes into the checkpoint, so a resumed run logs what an uninterrupted one does
-        if trainer.step % dcfg.log_every == 0 or trainer.step == total_steps:
+        if log_now:
             elapsed = time.perf_counter() - window_start
             record = runtime.mean_over_ranks(window.mean())
             record.update(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ from torch import nn
 
 from distill.losses import WhitenAxes, feature_losses, label_distillation
 from training.accumulate import accumulate_backward
+from training.deferred import DeferredTerms
 from training.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class Trainer:
         self.device = runtime.device
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler(self.device.type, enabled=False)
         self.step = step
+        self.terms = DeferredTerms(NonFiniteLossError)
+        """Each step's loss terms, on the device until :meth:`flush` (no host sync inside a step)."""
         self._resized_logged: set[str] = set()
 
     def _match_size(self, preds: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict:
@@ -80,6 +82,11 @@ class Trainer:
                 target = F.interpolate(target, size=pred.shape[-2:], mode="bilinear", align_corners=False)
             matched[name] = target
         return matched
+
+    def flush(self) -> list[dict[str, float]]:
+        """The loss terms (and ``grad_norm``, ``lr``) of every step since the last flush, as floats; raises
+        :class:`NonFiniteLossError` for the first step with a non-finite term. Call before logging or saving."""
+        return self.terms.flush()
 
     def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Forward and every loss term (float32) of one (micro-)batch."""
@@ -107,9 +114,9 @@ class Trainer:
             terms["loss"] = terms["loss"] + s.label_weight * terms["label"]
         return terms
 
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def train_step(self, batch: dict) -> None:
         """One optimisation step on ``batch`` (the bank loader's dict, split into ``accum_steps`` micro-batches,
-        DDP syncing gradients on the last only); returns every loss term (mean over the batch) as a float."""
+        DDP syncing gradients on the last only); its terms (means over the batch) are queued for :meth:`flush`."""
         s = self.settings
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -120,19 +127,15 @@ class Trainer:
             self._losses,
             backward=lambda loss: self.scaler.scale(loss).backward(),
         )
-        # one device->host transfer for every term (a float() per term is a sync each on CUDA)
-        values = dict(zip(terms, torch.stack(list(terms.values())).tolist(), strict=True))
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad:
-            listing = ", ".join(f"{k}={v}" for k, v in values.items())
-            raise NonFiniteLossError(f"non-finite loss at step {self.step} in {bad}; all terms: {listing}")
-        # 5. clip, update, schedule
+        # 5. clip, update, schedule. No host sync: the terms stay on the device until flush() (the finite check
+        #    runs there, at most log_every steps late and always before a checkpoint).
+        values: dict[str, torch.Tensor | float] = dict(terms)
         self.scaler.unscale_(self.optimizer)
         if s.grad_clip > 0:
-            values["grad_norm"] = float(nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip))
+            values["grad_norm"] = nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.terms.add(self.step, values, unchecked=("grad_norm",))
         self.step += 1
         self.scheduler.step_update(self.step)
-        values["lr"] = self.optimizer.param_groups[0]["lr"]
-        return values

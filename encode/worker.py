@@ -173,6 +173,12 @@ def get_decoder(num_workers: int, prefetch_factor: int) -> DecodePool:
         return _DECODERS[key]
 
 
+def clear_writers() -> None:
+    """Drop the cached bank writers only (a benchmark deleting and re-encoding a bank keeps its loaded teacher)."""
+    with _CACHE_LOCK:
+        _WRITERS.clear()
+
+
 def clear_caches() -> None:
     """Drop cached encoders, writers and decoding workers (tests; a process switching banks)."""
     with _CACHE_LOCK:
@@ -296,7 +302,11 @@ def encode_rows(task: ShardTask, stats: ShardStats) -> ShardRows:
                 row_seed(settings.encode.seed, k, int(d)) for k, d in zip(keys_V, pass_draw_V, strict=True)
             ]
             eps_VCHW = make_noise(seeds_V, flip_V.tolist(), encoder.noise_shape)
-        # 3d. One teacher read-out, serialised with the other task threads of this process.
+        # 3d. One teacher read-out, serialised with the other task threads of this process. Indexing and repeating
+        #     made new (pageable) tensors: pin them, so the non_blocking copies really overlap the GPU's work.
+        if device.type == "cuda":
+            views_u8_VCHW = views_u8_VCHW.pin_memory()
+            eps_VCHW = None if eps_VCHW is None else eps_VCHW.pin_memory()
         x0_VCHW = to_model_range(views_u8_VCHW.to(device, non_blocking=True))
         #     No synchronize: on CUDA the kernels are queued and this thread runs ahead to the next batch.
         with compute_lock:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from finetune.config import OptimConfig
 from finetune.optim import set_lr
 from training.accumulate import accumulate_backward
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.deferred import DeferredTerms
 from training.metrics import MetricsLog
 from training.runtime import Runtime
 
@@ -76,6 +76,7 @@ def train_loop(
     update (model EMA); ``extra_state()`` adds entries to the checkpoint (the EMA weights).
     """
     history: list[float] = []
+    terms = DeferredTerms(FloatingPointError, "lower the lr or check the data")
     model.train()
     bar = tqdm(
         range(start, total), desc="finetune", disable=not (progress and runtime.is_main), dynamic_ncols=True
@@ -96,30 +97,32 @@ def train_loop(
 
         losses = accumulate_backward(model, batch, accum_steps, forward, total_key=None)
         loss = losses.pop("_total")
-        if not math.isfinite(float(loss)):
-            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-            raise FloatingPointError(
-                f"non-finite loss at step {step}: {terms}; lower the lr or check the data"
-            )
-        # 3. Clip, update.
+        # 3. Clip, update. The terms stay on the device until the next log / checkpoint (no host sync here); a
+        #    non-finite one raises there, naming its step, before any checkpoint of the bad state.
         if optim_cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
         optimizer.step()
         if after_step is not None:
             after_step(step + 1)
-        loss_value = float(loss.detach())
-        history.append(loss_value)
+        terms.add(step, {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}})
         done = step + 1
         # 4. Log, checkpoint, evaluate.
-        if done % log_every == 0 or done == total:
-            terms = {f"train/{k}": float(v.detach()) for k, v in losses.items()}
-            log.log(done, {"train/loss": loss_value, "train/lr": lr, **terms})
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-        if runtime.is_main and (done % checkpoint_every == 0 or done == total):
+        log_now = done % log_every == 0 or done == total
+        save_now = runtime.is_main and (done % checkpoint_every == 0 or done == total)
+        if log_now or save_now:
+            flushed = terms.flush()
+            history.extend(values["loss"] for values in flushed)
+        if log_now:
+            last = flushed[-1]
+            record = {f"train/{k}": v for k, v in last.items() if k != "loss"}
+            log.log(done, {"train/loss": last["loss"], "train/lr": lr, **record})
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if save_now:
             state = checkpoint_state(unwrap(model), optimizer, done)
             save_checkpoint(checkpoint, state | (extra_state() if extra_state is not None else {}))
         if on_eval is not None and eval_every > 0 and done % eval_every == 0 and done != total:
             on_eval(done)
             model.train()
+    history.extend(values["loss"] for values in terms.flush())  # steps after the last boundary (a short run)
     runtime.barrier()
     return history

@@ -38,6 +38,7 @@ from sources.images import ImageDataset, list_images, to_model_range
 from teacher_training.config import TeacherTrainConfig
 from teacher_training.inputs import TeacherTrainInputs
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from training.deferred import DeferredTerms
 from training.metrics import MetricsLog, MetricsWindow
 from training.runtime import resolve_device
 from training.sampler import StepBatchSampler
@@ -121,15 +122,11 @@ class TrainState:
 
 
 def train_step(state: TrainState, scheduler: DDPMScheduler, images_B3HW: torch.Tensor, tc: TeacherTrainConfig,
-               gen: torch.Generator) -> float:  # fmt: skip
-    """One optimiser step + EMA update; returns the loss. Fails fast on a non-finite loss."""
+               gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """One optimiser step + EMA update; returns the loss, still on the device (no host sync: the loop checks it is
+    finite when it flushes its ``DeferredTerms``, before logging and before every checkpoint)."""
     state.unet.train()
     loss = diffusion_loss(state.unet, scheduler, images_B3HW, gen, tc.amp)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"teacher training: non-finite diffusion loss {loss.item()} at step {state.step}; lower teacher_train.lr "
-            f"(now {tc.lr}) or check the images"
-        )
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tc.grad_clip > 0:
@@ -138,7 +135,7 @@ def train_step(state: TrainState, scheduler: DDPMScheduler, images_B3HW: torch.T
     state.lr_schedule.step()
     state.ema.step(state.unet.parameters())
     state.step += 1
-    return float(loss.item())
+    return loss.detach()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,6 +275,9 @@ def run_teacher_training(
         ImageDataset(records, tc.resolution), batch_sampler=sampler, num_workers=tc.num_workers
     )
     rejects: dict[str, str] = {}
+    pending = DeferredTerms(
+        FloatingPointError, f"teacher training: lower teacher_train.lr (now {tc.lr}) or check the images"
+    )
     metrics = MetricsLog(out, resume_from=state.step)  # drops records a dead run wrote after its checkpoint
     timed_steps, t_last = 0, time.perf_counter()
     bar = tqdm(total=tc.steps, initial=state.step, desc="teacher", disable=not progress, dynamic_ncols=True)
@@ -295,11 +295,16 @@ def run_teacher_training(
         if device.type == "cuda" and tc.channels_last:
             images_B3HW = images_B3HW.contiguous(memory_format=torch.channels_last)
         gen = step_generator(tc.seed, state.step + 10**9)  # disjoint from the sampler's per-step generators
-        window.add({"loss": train_step(state, scheduler, images_B3HW, tc, gen)})
+        pending.add(state.step, {"loss": train_step(state, scheduler, images_B3HW, tc, gen)})
         timed_steps += 1
         bar.update(1)
+        log_now = state.step % tc.log_every == 0 or state.step == tc.steps
+        save_now = state.step % tc.checkpoint_every == 0 or state.step == end_step
+        if log_now or save_now:
+            for values in pending.flush():  # one host sync per window; raises for a non-finite loss
+                window.add(values)
         # at log boundaries and the schedule's end, not at stop_at_step (the partial window is checkpointed)
-        if window.steps and (state.step % tc.log_every == 0 or state.step == tc.steps):
+        if window.steps and log_now:
             now = time.perf_counter()
             record = {
                 **window.mean(),
@@ -310,7 +315,7 @@ def run_teacher_training(
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             window.reset()
             timed_steps, t_last = 0, now
-        if state.step % tc.checkpoint_every == 0 or state.step == end_step:
+        if save_now:
             save_checkpoint(ckpt_path, checkpoint_state(state, window))
     bar.close()
     metrics.close()

@@ -235,8 +235,22 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-def _attention(q_NCT: torch.Tensor, k_NCT: torch.Tensor, v_NCT: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over T positions for N = batch*heads; (N, C, T) -> (N, C, T)."""
+ATTENTION_IMPLS = ("sdpa", "einsum")
+
+
+def _attention(
+    q_NCT: torch.Tensor, k_NCT: torch.Tensor, v_NCT: torch.Tensor, impl: str = "sdpa"
+) -> torch.Tensor:
+    """Softmax attention over T positions for N = batch*heads; (N, C, T) -> (N, C, T).
+
+    ``sdpa``: ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA; the scores are never
+    materialised); ``einsum``: the original's two einsums with the softmax in float32. The same function (within
+    float32 rounding)."""
+    if impl == "sdpa":
+        out_NTC = F.scaled_dot_product_attention(
+            q_NCT.transpose(1, 2), k_NCT.transpose(1, 2), v_NCT.transpose(1, 2)
+        )
+        return out_NTC.transpose(1, 2)
     scale = 1 / math.sqrt(math.sqrt(q_NCT.shape[1]))  # split between q and k, as the original (fp16 range)
     weight_NTS = torch.einsum("bct,bcs->bts", q_NCT * scale, k_NCT * scale)
     weight_NTS = torch.softmax(weight_NTS.float(), dim=-1).type(weight_NTS.dtype)
@@ -249,12 +263,14 @@ class QKVAttentionLegacy(nn.Module):
     def __init__(self, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.impl = "sdpa"
+        """``sdpa`` or ``einsum`` (:func:`set_attention`)."""
 
     def forward(self, qkv_BWT: torch.Tensor) -> torch.Tensor:
         b, width, length = qkv_BWT.shape
         ch = width // (3 * self.n_heads)
         q, k, v = qkv_BWT.reshape(b * self.n_heads, ch * 3, length).split(ch, dim=1)
-        return _attention(q, k, v).reshape(b, -1, length)
+        return _attention(q, k, v, self.impl).reshape(b, -1, length)
 
 
 class QKVAttention(nn.Module):
@@ -263,12 +279,14 @@ class QKVAttention(nn.Module):
     def __init__(self, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.impl = "sdpa"
+        """``sdpa`` or ``einsum`` (:func:`set_attention`)."""
 
     def forward(self, qkv_BWT: torch.Tensor) -> torch.Tensor:
         b, width, length = qkv_BWT.shape
         ch = width // (3 * self.n_heads)
         q, k, v = (p.reshape(b * self.n_heads, ch, length) for p in qkv_BWT.chunk(3, dim=1))
-        return _attention(q, k, v).reshape(b, -1, length)
+        return _attention(q, k, v, self.impl).reshape(b, -1, length)
 
 
 class AttentionBlock(nn.Module):
@@ -402,6 +420,15 @@ class ADMUNet(nn.Module):
             isinstance(layer, ResBlock) and isinstance(layer.h_upd, Upsample)
         )
         return last if is_up else None
+
+
+def set_attention(unet: nn.Module, impl: str) -> None:
+    """Select the attention implementation (``sdpa`` or ``einsum``) of every attention layer of an ADM."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"teacher.attention {impl!r}: valid choices are {', '.join(ATTENTION_IMPLS)}")
+    for module in unet.modules():
+        if isinstance(module, (QKVAttention, QKVAttentionLegacy)):
+            module.impl = impl
 
 
 def _float32_region(device: torch.device) -> contextlib.AbstractContextManager[None]:

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,11 @@ def state_dict_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+class TapsDone(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by the hook of the last tap to fire (``FeatureTaps.stop_after``): the forward has produced every
+    feature the read-out needs, so the rest of the network (the upper decoder, the output head) never runs."""
+
+
 class FeatureTaps:
     """Forward hooks that capture features at the configured taps during one UNet pass.
 
@@ -172,9 +177,20 @@ class FeatureTaps:
         with FeatureTaps(teacher, taps) as captured:
             teacher.predict_eps(x_BCHW, t_B)
         feats = captured.features  # {level name: (B, C, h, w)}
+
+    With ``stop_after`` set to a tap's name (the last one to fire: :func:`last_firing_tap`), that tap's hook raises
+    :class:`TapsDone` once it has stored its value; :meth:`run` catches it. An ``input`` tap stops before its module
+    runs, an ``output`` tap right after it: no tap's value changes, only the work after the last one is skipped.
     """
 
-    def __init__(self, teacher: Teacher, taps: list[TapConfig], names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        teacher: Teacher,
+        taps: list[TapConfig],
+        names: list[str] | None = None,
+        *,
+        stop_after: str | None = None,
+    ) -> None:
         """``names`` key the captured features; default: the level name of each tap's stride (``s<stride>``)."""
         modules = dict(teacher.tap_root.named_modules())
         missing = [tap.module for tap in taps if tap.module not in modules]
@@ -189,11 +205,17 @@ class FeatureTaps:
         self._targets = [
             (name, modules[tap.module], tap.point) for name, tap in zip(names, taps, strict=True)
         ]
+        if stop_after is not None and stop_after not in names:
+            raise ValueError(f"stop_after {stop_after!r} is not one of the taps {names}")
+        self.stop_after = stop_after
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.features: dict[str, torch.Tensor] = {}
+        self.fired: list[str] = []
+        """Tap names in the order their hooks ran during this pass (a module called twice appears twice)."""
 
     def __enter__(self) -> FeatureTaps:
         self.features = {}
+        self.fired = []
         for name, module, point in self._targets:
             if point == "input":
                 hook = module.register_forward_pre_hook(self._make_input_hook(name))
@@ -207,15 +229,30 @@ class FeatureTaps:
             handle.remove()
         self._handles.clear()
 
+    def run(self, forward: Callable[..., Any], *args: Any) -> dict[str, torch.Tensor]:
+        """``forward(*args)`` inside the hooks; the captured features (the forward stops at ``stop_after``)."""
+        with self:
+            try:  # noqa: SIM105 - a plain try traces under torch.compile
+                forward(*args)
+            except TapsDone:
+                pass
+        return self.features
+
+    def _store(self, name: str, value: torch.Tensor) -> None:
+        self.features[name] = value
+        self.fired.append(name)
+        if name == self.stop_after:
+            raise TapsDone
+
     def _make_input_hook(self, name: str):  # noqa: ANN202 - torch hook signature
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self.features[name] = _first_tensor(args, name)
+            self._store(name, _first_tensor(args, name))
 
         return hook
 
     def _make_output_hook(self, name: str):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            self.features[name] = _first_tensor(output, name)
+            self._store(name, _first_tensor(output, name))
 
         return hook
 
@@ -306,10 +343,30 @@ def _measured_stride(tap: TapConfig, height: int, width: int, resolution: int) -
     return resolution // height
 
 
+@torch.inference_mode()
+def last_firing_tap(
+    teacher: Teacher, taps: list[TapConfig], resolution: int, device: torch.device | str = "cpu"
+) -> int | None:
+    """Index in ``taps`` of the tap whose hook fires last in a forward (the early-stop point of the read-out), or
+    None when stopping early is not safe: a tapped module runs more than once per forward (its last call would be
+    the one read), so the whole forward must run. Measured by a dry run, so it holds for any family's call order."""
+    _, fired = _dry_run(teacher, taps, resolution, device)
+    if len(set(fired)) != len(fired):
+        return None
+    return int(fired[-1].removeprefix("tap"))
+
+
 def _dry_run_shapes(
     teacher: Teacher, taps: list[TapConfig], resolution: int, device: torch.device | str
 ) -> list[tuple[int, int, int]]:
     """(channels, height, width) of each tap's tensor for one blank image of ``resolution`` px."""
+    return _dry_run(teacher, taps, resolution, device)[0]
+
+
+def _dry_run(
+    teacher: Teacher, taps: list[TapConfig], resolution: int, device: torch.device | str
+) -> tuple[list[tuple[int, int, int]], list[str]]:
+    """Shapes of each tap's tensor for one blank image, and the order the taps fired in (names ``tap<i>``)."""
     # Dry run on the meta device: the teacher's own code with shape-only stand-ins for its weights (no compute, no
     # memory), so discovering a 554M-parameter teacher's taps takes milliseconds instead of a full CPU forward.
     meta_state = {
@@ -324,6 +381,7 @@ def _dry_run_shapes(
             # An op without a meta kernel, or a value read (.item()) in the teacher's code: run one real image on
             # ``device`` instead. A genuine model error is not hidden: the real pass raises it again.
             captured.features.clear()
+            captured.fired.clear()
             teacher(*teacher.dry_run_inputs(resolution, device))
     shapes = []
     for tap, name in zip(taps, names, strict=True):
@@ -331,7 +389,7 @@ def _dry_run_shapes(
             raise ValueError(f"tap {tap.module} ({tap.point}) was never called during a forward pass")
         _, c, h, w = captured.features[name].shape
         shapes.append((int(c), int(h), int(w)))
-    return shapes
+    return shapes, list(captured.fired)
 
 
 @contextlib.contextmanager

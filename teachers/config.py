@@ -26,6 +26,12 @@ KIND_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
 teacher config (and the fingerprint) of a bank encoded before they existed is unchanged."""
 
 
+RUNTIME_FIELDS: tuple[str, ...] = ("attention", "compile", "early_stop")
+"""How the read-out is executed, not what it computes (like ``encode.batch_size`` or the device): a bank's
+provenance leaves them out, so they never change a fingerprint, and a rebuilt read-out (distill's online targets)
+takes them from this machine's config entry."""
+
+
 @dataclass(kw_only=True)
 class TeacherConfig:
     """A pretrained diffusion model used as the frozen teacher."""
@@ -59,6 +65,16 @@ class TeacherConfig:
     """Autocast dtype on CUDA. CPU always runs float32."""
     channels_last: bool = True
     """Use channels_last memory format on CUDA."""
+    early_stop: bool = True
+    """Stop the read-out pass once the last tap has fired: the decoder above it and the output head never run
+    (2.3x fewer FLOPs on ADM-256 with the paper's taps). The taps' values are the same bit for bit; DDIM
+    inversion's steps still run the whole UNet. GAN teachers always run whole (their image is stored)."""
+    attention: Literal["sdpa", "einsum"] = "sdpa"
+    """adm: self-attention through ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+    kernels on CUDA) or the original's einsum + float32 softmax. diffusers UNets already use SDPA."""
+    compile: bool = False
+    """``torch.compile`` the read-out pass (the first batch of each shape compiles: minutes; worth it for a long
+    encode on a GPU)."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from teachers.base import FeatureTaps, TapInfo, Teacher, autocast_for, discover_taps
+from teachers.base import FeatureTaps, TapInfo, Teacher, autocast_for, discover_taps, last_firing_tap
 from teachers.config import TapConfig
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,7 +31,10 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32")
 def q_sample(
     x0_BCHW: torch.Tensor, t: int, eps_BCHW: torch.Tensor, alphas_cumprod: torch.Tensor
 ) -> torch.Tensor:
-    """Forward diffusion in closed form: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (float32, on x0's device)."""
+    """Forward diffusion in closed form: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (float32, on x0's device).
+
+    ``alphas_cumprod`` is read as a Python number: pass a CPU copy (``TeacherEncoder`` does) so reading it does
+    not wait for the accelerator."""
     abar = float(alphas_cumprod[t])
     eps_BCHW = eps_BCHW.to(device=x0_BCHW.device, dtype=torch.float32)
     return abar**0.5 * x0_BCHW.float() + (1.0 - abar) ** 0.5 * eps_BCHW
@@ -109,7 +112,12 @@ class TeacherEncoder:
         device: torch.device | str,
         dtype_name: Literal["bf16", "fp16", "fp32"],
         channels_last: bool,
+        early_stop: bool = True,
+        compile: bool = False,
     ) -> None:
+        """``early_stop``: the read-out pass stops once the last tap has fired (the decoder above it and the output
+        head never run; the taps' values are the same bit for bit). ``compile``: ``torch.compile`` the read-out
+        pass (the first batch of each shape compiles it)."""
         if getattr(teacher, "synthesizes", False):
             raise ValueError(
                 f"{type(teacher).__name__} synthesizes its images and cannot encode real ones; use "
@@ -140,7 +148,20 @@ class TeacherEncoder:
         self.noise_shape: tuple[int, int, int] = teacher.noise_shape(resolution)
         """(C, H, W) of a row's noise: the image's, or a latent teacher's latent (``Teacher.noise_shape``)."""
         self.taps_info: list[TapInfo] = discover_taps(teacher, self.taps, resolution, self.device)
-        self._hooks = FeatureTaps(teacher, self.taps)
+        self.early_stop = early_stop
+        last = last_firing_tap(teacher, self.taps, resolution, self.device) if early_stop else None
+        self.stop_after: str | None = None if last is None else self.taps_info[last].name
+        """Level whose tap ends the read-out pass (None: the whole forward runs)."""
+        self._hooks = FeatureTaps(teacher, self.taps, stop_after=self.stop_after)
+        # The schedule on the CPU: q_sample and ddim_invert read abar_t as Python numbers, which from a CUDA
+        # buffer would block the host on the GPU once per batch.
+        self._abar = teacher.alphas_cumprod.detach().to("cpu", torch.float64)
+        self.compiled = compile
+        self._readout = torch.compile(self._readout_pass) if compile else self._readout_pass
+
+    def _readout_pass(self, xt_BCHW: torch.Tensor, t_B: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The hooked UNet pass at T (stopped after ``stop_after``): {level: features as the teacher made them}."""
+        return dict(self._hooks.run(self.teacher.predict_eps, xt_BCHW, t_B))
 
     @torch.inference_mode()
     def __call__(
@@ -166,13 +187,22 @@ class TeacherEncoder:
                         f"eps has shape {tuple(eps_BCHW.shape)}, the teacher diffuses {tuple(x0_BCHW.shape)}: draw it "
                         "with make_noise(seeds, flips, encoder.noise_shape) (a latent teacher's noise is latent-shaped)"
                     )
-                xt_BCHW = q_sample(x0_BCHW, self.t, eps_BCHW, self.teacher.alphas_cumprod)
-            else:
-                xt_BCHW = ddim_invert(
-                    self.teacher.predict_eps, x0_BCHW, self.t, self.ddim_steps, self.teacher.alphas_cumprod
-                )
+                xt_BCHW = q_sample(x0_BCHW, self.t, eps_BCHW, self._abar)
+            else:  # the inversion's steps need the whole eps: only the final read-out stops early
+                xt_BCHW = ddim_invert(self.teacher.predict_eps, x0_BCHW, self.t, self.ddim_steps, self._abar)
             # 3. one read-out pass at T with the taps hooked
             t_B = torch.full((x0_BCHW.shape[0],), self.t, dtype=torch.long, device=self.device)
-            with self._hooks as captured:
-                self.teacher.predict_eps(xt_BCHW, t_B)
-        return {name: feats.float().contiguous() for name, feats in captured.features.items()}
+            features = self._readout(xt_BCHW, t_B)
+        return {name: feats.float().contiguous() for name, feats in features.items()}
+
+
+def readout_flops(encoder: TeacherEncoder, views: int = 1) -> int:
+    """FLOPs of one ``encoder`` call on ``views`` blank views, as ``torch.utils.flop_counter.FlopCounterMode`` counts
+    them (convolutions, matmuls, attention; 2 per multiply-add). On the meta device it counts without computing."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x0_BCHW = torch.zeros(views, 3, encoder.resolution, encoder.resolution, device=encoder.device)
+    eps_BCHW = torch.zeros(views, *encoder.noise_shape, device=encoder.device)
+    with FlopCounterMode(display=False) as counter:
+        encoder(x0_BCHW, eps_BCHW if encoder.mode == "noise" else None)
+    return int(counter.get_total_flops())

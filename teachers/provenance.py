@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from configlib import from_mapping, to_dict
-from teachers.config import KIND_ONLY_FIELDS, TapConfig, TeacherConfig
+from teachers.config import KIND_ONLY_FIELDS, RUNTIME_FIELDS, TapConfig, TeacherConfig
 
 if TYPE_CHECKING:
     import torch
@@ -46,9 +46,10 @@ def without_locations(data: Any) -> Any:
 
 
 def kind_fields_only(config: dict[str, Any]) -> dict[str, Any]:
-    """A teacher config dict without the fields of other kinds (``KIND_ONLY_FIELDS``): a diffusers or adm entry
-    records exactly the keys it always did."""
+    """A teacher config dict without the fields of other kinds (``KIND_ONLY_FIELDS``) and without the execution
+    choices (``RUNTIME_FIELDS``): a diffusers or adm entry records exactly the keys it always did."""
     others = {f for kind, fields in KIND_ONLY_FIELDS.items() if kind != config.get("kind") for f in fields}
+    others |= set(RUNTIME_FIELDS)
     return {k: v for k, v in config.items() if k not in others}
 
 
@@ -187,9 +188,12 @@ class Provenance:
         return [TapConfig(module=t["module"], point=t["point"], stride=int(t["stride"])) for t in chosen]
 
     def teacher_config_at(self, local: TeacherConfig) -> TeacherConfig:
-        """The recorded teacher settings with the weights' location taken from this machine's config entry."""
+        """The recorded teacher settings with the weights' location and the execution choices
+        (``RUNTIME_FIELDS``) taken from this machine's config entry."""
+        runtime = {name: getattr(local, name) for name in RUNTIME_FIELDS}
         return from_mapping(
-            TeacherConfig, {**self.teacher_config, "path": local.path, "checkpoint": local.checkpoint}
+            TeacherConfig,
+            {**self.teacher_config, "path": local.path, "checkpoint": local.checkpoint, **runtime},
         )
 
     def check_weights(self, identity: dict[str, Any]) -> None:
@@ -234,6 +238,8 @@ def build_encoder(
         device=device,
         dtype_name=teacher_cfg.dtype,
         channels_last=teacher_cfg.channels_last,
+        early_stop=teacher_cfg.early_stop,
+        compile=teacher_cfg.compile,
     )
 
 

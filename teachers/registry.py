@@ -34,7 +34,7 @@ def _load_diffusers(cfg: TeacherConfig, entry: str) -> Teacher:
 
 
 def _load_adm(cfg: TeacherConfig, entry: str) -> Teacher:
-    from teachers.adm import ADMTeacher
+    from teachers.adm import ADMTeacher, set_attention
     from teachers.adm_presets import preset_flags
 
     key = f"{entry}.checkpoint"
@@ -55,13 +55,15 @@ def _load_adm(cfg: TeacherConfig, entry: str) -> Teacher:
         raise ValueError(
             f"an adm teacher needs {entry}.preset (e.g. adm-256-uncond) or the full {entry}.flags"
         )
-    return ADMTeacher.from_checkpoint(
+    teacher = ADMTeacher.from_checkpoint(
         require_resolved(cfg.checkpoint, key),
         preset_flags(cfg.preset, cfg.flags),
         class_label=cfg.class_label,
         preset=cfg.preset,
         key=key,
     )
+    set_attention(teacher.unet, cfg.attention)
+    return teacher
 
 
 def _load_gan(cfg: TeacherConfig, entry: str) -> Teacher:

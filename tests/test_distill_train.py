@@ -477,8 +477,12 @@ def test_non_finite_loss_names_step_and_terms() -> None:
         Runtime(torch.device("cpu")),
         step=7,
     )
+    trainer.train_step({"image": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)})  # no host sync: no raise yet
+    trainer.train_step({"image": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)})
+    assert trainer.step == 9 and len(trainer.terms) == 2
+    # the flush (at the next log boundary or checkpoint) names the first bad step and all its terms
     with pytest.raises(NonFiniteLossError, match=r"step 7 .*'mse/s8'.*at/s16="):
-        trainer.train_step({"image": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)})
+        trainer.flush()
 
 
 def test_label_distillation_from_a_logits_file(bank_path: Path, tmp_path: Path) -> None:
