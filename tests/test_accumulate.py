@@ -84,8 +84,10 @@ def test_accumulated_distill_step_equals_the_big_batch_step() -> None:
         "t16": torch.randn(8, 6, 2, 2, generator=g),
     }
     big, small = copy.deepcopy(net), copy.deepcopy(net)
-    values_big = _distill_trainer(1, big).train_step(batch)
-    values_acc = _distill_trainer(4, small).train_step(batch)
+    trainer_big, trainer_acc = _distill_trainer(1, big), _distill_trainer(4, small)
+    trainer_big.train_step(batch)
+    trainer_acc.train_step(batch)
+    (values_big,), (values_acc,) = trainer_big.flush(), trainer_acc.flush()
     for key in ("loss", "mse", "at", "mse/s8", "at/s16"):
         assert values_acc[key] == pytest.approx(values_big[key], rel=1e-5), key
     for (name, a), b in zip(big.named_parameters(), small.parameters(), strict=True):

@@ -81,8 +81,8 @@ def test_the_loser_of_a_creation_race_opens_the_winners_bank_or_refuses(tmp_path
     real_build = writer_module._build_bank_folder
     winner: dict[str, BankWriter] = {}
 
-    def build_then_lose(path, spec_, version):
-        tmp = real_build(path, spec_, version)
+    def build_then_lose(path, spec_, version, *rest):
+        tmp = real_build(path, spec_, version, *rest)
         if "w" not in winner:  # the other process finishes first, while we built ours
             monkeypatch.setattr(writer_module, "_build_bank_folder", real_build)
             winner["w"] = BankWriter.create(path, spec, CFG)

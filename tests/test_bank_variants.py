@@ -49,7 +49,8 @@ def _encode(scenes: tuple[Path, list[str]], name: str, *settings: str) -> Bank:
     bank = root / f"{name}.zarr"
     if not bank.exists():
         _run(["encode", "--no-dask", "--quiet", *CONFIG, *data, f"encode.bank={bank}", "encode.num_workers=0",
-              "bank.shard_rows=12", *settings])  # fmt: skip
+              "bank.shard_rows=12", "encode.store=draws", "bank.codec=int8", "bank.pixels=rows",
+              "bank.pixel_compressor=none", *settings])  # fmt: skip
     return Bank.open(bank)
 
 
@@ -163,7 +164,7 @@ def test_a_compact_bank_distils_from_the_bank_and_online(scenes, tmp_path) -> No
 
 def test_compressed_pixels_need_pixels_once_per_image(scenes, tmp_path) -> None:
     result = CliRunner().invoke(main, ["encode", "--no-dask", *CONFIG, *scenes[1], f"encode.bank={tmp_path / 'x'}",
-                                       "bank.pixel_compressor=zstd"])  # fmt: skip
+                                       "bank.pixels=rows", "bank.pixel_compressor=zstd"])  # fmt: skip
     assert (
         result.exit_code != 0
         and "set bank.pixels=image" in result.output

@@ -85,6 +85,12 @@ def overrides(assets: Path, bank: Path, *extra: str) -> list[str]:
         "encode.batch_size=8",
         "encode.cpu_threads=1",
         "bank.shard_rows=8",
+        # the layout these tests were written for (the defaults before the cache-cost study)
+        "encode.draws=2",
+        "encode.store=draws",
+        "bank.codec=int8",
+        "bank.pixels=rows",
+        "bank.pixel_compressor=none",
         *extra,
     ]
 

@@ -126,7 +126,8 @@ def golden_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str]
     _invoke(
         ["encode", "--no-dask", "--quiet", "--config", str(REPO / "pipeline.yaml"), *data,
          f"teachers.demo.path={REPO / 'assets/demo-teacher'}", "teachers.demo.dtype=fp32",
-         "encode.data=golden", f"encode.bank={bank}", "encode.draws=2", "encode.flips=both",
+         "encode.data=golden", f"encode.bank={bank}", "encode.draws=2", "encode.store=draws", "encode.flips=both",
+         "bank.codec=int8", "bank.pixels=rows", "bank.pixel_compressor=none",
          "encode.batch_size=16", "encode.num_workers=0", "encode.cpu_threads=1", "bank.shard_rows=16"]
     )  # fmt: skip
     _invoke(

@@ -211,6 +211,8 @@ def test_encodes_verifies_and_distils(sd_folder: Path, tmp_path: Path) -> None:
         "encode.batch_size=8",
         "encode.cpu_threads=1",
         "bank.shard_rows=8",
+        "encode.draws=2",
+        "encode.store=draws",
         f"distill.bank={bank}",
         f"distill.out={tmp_path / 'distill'}",
         "distill.student.name=resnet18",

@@ -72,7 +72,9 @@ def test_the_debug_grid_runs_end_to_end_and_reuses_finished_runs(tmp_path) -> No
     results = json.loads((out / "results.json").read_text())
     assert {r["variant"] for r in results["rows"]} == {"online", "k1", "mean4", "mirror"}
     assert all(math.isfinite(r["mse"]["mean"]) and 0 <= r["mIoU"]["mean"] <= 100 for r in results["rows"])
-    assert (report.with_suffix(".png")).stat().st_size > 0 and "| fresh online (paper) |" in report.read_text()
+    assert (
+        report.with_suffix(".png")
+    ).stat().st_size > 0 and "| fresh online (paper) |" in report.read_text()
     # hand-written findings survive a rewrite; finished runs are read back, not re-run
     report.write_text(report.read_text() + "\nhand-written finding\n")
     stamp = {p: p.stat().st_mtime for p in out.glob("distill/*/study.json")}
