@@ -57,7 +57,9 @@ class Variant:
     """``online``: the bank whose pixels the teacher re-encodes (its rows are not read)."""
 
 
-BANK_BASE = ("encode.flips=both", "encode.store=draws", "bank.codec=fp16")
+BANK_BASE = ("encode.flips=both", "encode.store=draws", "bank.codec=fp16", "bank.pixels=rows",
+             "bank.pixel_compressor=none", "bank.projection={}")  # fmt: skip
+"""Every bank setting a variant may change, pinned, so that the variants do not move with pipeline.yaml's defaults."""
 VARIANTS = {
     v.name: v
     for v in [
@@ -223,7 +225,7 @@ def encode_banks(plan: StudyPlan, progress: bool) -> dict[str, dict[str, float]]
         if file.is_file():
             file.read_bytes()
     warmup = derive(first, ["datasets.demo.limit=16", f"encode.bank={plan.out / 'banks' / 'warmup.zarr'}"])
-    run_encode(resolve(warmup, "encode"), use_dask=False, progress=False)
+    run_encode(resolve(warmup, "encode"), overwrite=True, use_dask=False, progress=False)
     stats = {}
     for name, cfg in tqdm(
         plan.banks.items(), desc="study 1/3: encode banks", unit="bank", disable=not progress
