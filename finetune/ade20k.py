@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from finetune.seg_data import SegPair
+from sources.segmentation import SegPair
 
 SPLITS = {"train": "training", "val": "validation"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

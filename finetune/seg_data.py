@@ -8,73 +8,17 @@ RandomPhotometricDistort also permutes channels, which mmseg's PhotoMetricDistor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch.utils.data import Dataset
 
 from finetune.config import SegAugConfig
-from sources.images import to_rgb
+from sources.segmentation import IGNORE, SegPair, load_pair
 
-IGNORE = 255
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
-
-
-@dataclass(frozen=True)
-class SegPair:
-    image: Path
-    label: Path
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """RGB image -> float (3, H, W) in 0..255."""
-    with Image.open(path) as im:
-        # every PIL mode by the encode stage's rules (16-bit grey scaled, alpha on white): sources.images.to_rgb
-        return torch.from_numpy(np.asarray(to_rgb(im), dtype=np.uint8).copy()).permute(2, 0, 1).float()
-
-
-def read_label(path: Path) -> np.ndarray:
-    """Class-id map (H, W) from a PNG (grey or palette indices) or a ``.npy`` integer array."""
-    if not path.is_file():
-        raise FileNotFoundError(f"label file {path} is missing")
-    if path.suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
-        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"{path}: expected a 2-D integer class map, got {array.dtype} {array.shape}")
-        return array.astype(np.int64)
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"{path}: label PNG must be single-channel (L/P/I), got mode {im.mode}")
-        return np.asarray(im).astype(np.int64)
-
-
-def load_pair(pair: SegPair, num_classes: int, reduce_zero_label: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read and check one sample -> image (3, H, W) float 0..255, label (H, W) int64 in 0..K-1 or 255."""
-    image = read_image(pair.image)
-    raw = read_label(pair.label)
-    if tuple(raw.shape) != tuple(image.shape[-2:]):
-        raise ValueError(
-            f"label {pair.label} is {raw.shape[1]}x{raw.shape[0]} but image {pair.image} is "
-            f"{image.shape[2]}x{image.shape[1]} (WxH); they must match"
-        )
-    label = raw.copy()
-    if reduce_zero_label:  # ADE20K: 0 = "other" -> ignore, k -> k - 1
-        label[raw == 0] = IGNORE
-        label[(raw != 0) & (raw != IGNORE)] -= 1
-    bad = (label != IGNORE) & ((label < 0) | (label >= num_classes))
-    if bad.any():
-        values = sorted({int(v) for v in raw[bad][:1000]})
-        allowed = (
-            f"1..{num_classes} (0 = ignore)" if reduce_zero_label else f"0..{num_classes - 1} (255 = ignore)"
-        )
-        raise ValueError(f"{pair.label}: label values {values[:10]} outside {allowed}; check num_classes")
-    return image, torch.from_numpy(label)
 
 
 def rescale_size(height: int, width: int, bound: tuple[float, float]) -> tuple[int, int]:

@@ -17,16 +17,16 @@ from tqdm import tqdm
 from finetune.ade20k import ade20k_class_names, ade20k_pairs
 from finetune.config import FinetuneConfig, SegEvalConfig
 from finetune.engine import resume_step, train_loop, unwrap
-from finetune.fewshot import fewshot_class_names, fewshot_pairs
 from finetune.heads.upernet import UperNet
-from finetune.metrics import ConfusionMatrix, per_class_table
 from finetune.optim import build_optimizer
 from finetune.report import colourise, palette, save_panels, write_summary
-from finetune.seg_data import SegmentationDataset, read_image
+from finetune.seg_data import SegmentationDataset
+from sources.segmentation import fewshot_class_names, fewshot_pairs, read_image
 from training.backbone import apply_norm, build_backbone
 from training.metrics import MetricsLog
 from training.runtime import Runtime
 from training.sampler import StepBatchSampler
+from training.seg_metrics import ConfusionMatrix, per_class_table
 
 
 @dataclass

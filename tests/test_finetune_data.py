@@ -14,10 +14,10 @@ from PIL import Image
 from finetune.ade20k import ade20k_class_names, ade20k_pairs
 from finetune.coco import CocoInstances, evaluate_coco, load_coco, to_coco_results
 from finetune.config import OptimConfig, SegAugConfig
-from finetune.fewshot import fewshot_class_names, fewshot_pairs
-from finetune.metrics import ConfusionMatrix
 from finetune.optim import lr_factor
-from finetune.seg_data import SegmentationDataset, load_pair
+from finetune.seg_data import SegmentationDataset
+from sources.segmentation import fewshot_class_names, fewshot_pairs, load_pair
+from training.seg_metrics import ConfusionMatrix
 
 AUG = SegAugConfig(scale=(64, 48), crop_size=32)
 
