@@ -30,6 +30,9 @@ _EXPORTS: dict[str, str] = {
     "CODECS": "bank.codecs",
     "make_codec": "bank.codecs",
     "pca_rgb": "bank.viz",
+    "LabelsSpec": "bank.labels",
+    "LabelsWriter": "bank.labels",
+    "decode_labels": "bank.dataset",
 }
 
 __all__ = list(_EXPORTS)

@@ -31,13 +31,22 @@ class BankTrainSet(torch.utils.data.Dataset):
     """Rows of a bank as torch tensors. The bank is opened lazily in each process (safe under fork)."""
 
     def __init__(
-        self, path: str | Path, levels: list[str] | None = None, *, verify_chunks: bool = True
+        self,
+        path: str | Path,
+        levels: list[str] | None = None,
+        *,
+        verify_chunks: bool = True,
+        labels: bool = False,
     ) -> None:
-        """``verify_chunks``: check each chunk's crc32c as it is read (format v2; see ``Bank.open``)."""
+        """``verify_chunks``: check each chunk's crc32c as it is read (format v2; see ``Bank.open``).
+        ``labels``: batches carry the bank's soft labels too (``dreamteacher interpret``; required complete)."""
         self.path, self.levels, self.verify_chunks = Path(path), levels, verify_chunks
+        self.labels = labels
         bank = Bank.open(self.path, verify_chunks=verify_chunks)  # validate now, in the parent, not mid-epoch
         if levels is not None:
             bank.array_defs(levels)
+        if labels:
+            bank.require_labels()
         self.spec, self.fingerprint = bank.spec, bank.fingerprint
         self._bank: Bank | None = bank
         self._pid = os.getpid()
@@ -60,16 +69,21 @@ class BankTrainSet(torch.utils.data.Dataset):
 
     def __getitems__(self, views: Sequence[int]) -> dict[str, Any]:
         """A batch: ``image`` uint8 (B, 3, H, W), ``targets`` {level: {part: tensor}}, ``row``/``draw``/... (B,)
-        and ``mirror`` (B,) bool: the targets still to mirror after decoding (``decode_targets`` does).
+        and ``mirror`` (B,) bool: the targets still to mirror after decoding (``decode_targets`` does); with
+        ``labels``, ``labels`` {part: tensor}: each view's own soft labels (``bank.decode_labels``).
 
         A view is a bank row, or for a mirrored bank ``2 * row + flip`` (``EpochSampler`` yields these); its
         ``flip`` is the view's, its ``row`` the stored row."""
         index = np.asarray(views, dtype=np.int64)
         rows, mirror = (index // 2, index % 2 == 1) if self.spec.mirror else (index, None)
-        batch = self.bank.read_rows(rows, self.levels, mirror=mirror)
+        batch = self.bank.read_rows(rows, self.levels, mirror=mirror, labels=self.labels)
         if mirror is not None:
             batch["flip"] = mirror.astype(np.int64)
+        extra = {}
+        if self.labels:
+            extra["labels"] = {p: torch.from_numpy(a) for p, a in batch["labels"].items()}
         return {
+            **extra,
             "image": torch.from_numpy(batch["image"]),
             "targets": {
                 lv: {p: torch.from_numpy(a) for p, a in parts.items()}
@@ -150,9 +164,11 @@ def make_loader(
     pin_memory: bool = True,
     levels: list[str] | None = None,
     verify_chunks: bool = True,
+    labels: bool = False,
 ) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
-    """The training loader of one rank and its sampler (call ``sampler.set_epoch(e)`` each epoch)."""
-    dataset = BankTrainSet(path, levels, verify_chunks=verify_chunks)
+    """The training loader of one rank and its sampler (call ``sampler.set_epoch(e)`` each epoch); ``labels``:
+    batches carry the bank's soft labels."""
+    dataset = BankTrainSet(path, levels, verify_chunks=verify_chunks, labels=labels)
     sampler = EpochSampler(
         dataset.bank, batch_size, rank=rank, world_size=world_size, seed=seed, draw=draw, flip=flip
     )
@@ -166,3 +182,12 @@ def make_loader(
         prefetch_factor=4 if num_workers > 0 else None,
     )
     return loader, sampler
+
+
+def decode_labels(
+    payload: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A batch's soft labels (``batch["labels"]``, ``bank.labels``), moved to ``device`` (non-blocking from
+    pinned memory) and decoded there: ``(B, K, h, w)`` logits. Each view's are its own (a mirrored bank stores
+    both views' labels), so nothing is mirrored."""
+    return decode_targets({"labels": payload}, device, dtype)["labels"]

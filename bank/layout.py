@@ -70,9 +70,18 @@ def has_chunk_checksums(format_version: int) -> bool:
     return format_version >= 2
 
 
-def repair_hint(bank: Path | str, shard: int, format_version: int = FORMAT_VERSION) -> str:
-    """The repair step for a damaged shard: withdraw its done marker, re-run encode (it rewrites that shard)."""
-    marker = side_dir_for(Path(bank), format_version) / done_marker_name(shard)
+def repair_hint(
+    bank: Path | str, shard: int, format_version: int = FORMAT_VERSION, *, labels: bool = False
+) -> str:
+    """The repair step for a damaged shard: withdraw its done marker, re-run encode (it rewrites that shard);
+    for the shard's soft labels (``labels``), withdraw their marker and re-run interpret."""
+    side = side_dir_for(Path(bank), format_version)
+    if labels:
+        return (
+            f"Repair: delete {side / 'labels' / done_marker_name(shard)} and re-run the same `dreamteacher "
+            f"interpret` command (make interpret BANK={bank}); it rewrites only the unmarked shards' soft labels"
+        )
+    marker = side / done_marker_name(shard)
     return (
         f"Repair: delete {marker} (or run `dreamteacher bank verify --unmark {bank}`) and re-run the same "
         f"`dreamteacher encode` command (make encode BANK={bank}); it rewrites only the unmarked shards"
@@ -165,10 +174,12 @@ def side_dir(bank_path: str | Path) -> Path:
     return side_dir_for(bank_path, version)
 
 
-def read_marker(side: Path, shard: int, *, fingerprint: str, bank_id: str | None) -> dict[str, Any] | None:
+def read_marker(
+    side: Path, shard: int, *, fingerprint: str, bank_id: str | None, rerun: str = "encode"
+) -> dict[str, Any] | None:
     """``shard``'s done marker, or None when it is absent or left by a deleted bank at the same path (its
     ``bank_id`` is another bank's; version >= 2). A marker of this bank with another fingerprint, or one that is
-    not valid JSON, is a :class:`BankError` naming the file and the fix."""
+    not valid JSON, is a :class:`BankError` naming the file and the fix (re-running the ``rerun`` command)."""
     file = side / done_marker_name(shard)
     try:
         record = json.loads(file.read_bytes())
@@ -176,15 +187,15 @@ def read_marker(side: Path, shard: int, *, fingerprint: str, bank_id: str | None
         return None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BankError(
-            f"done marker {file} is not valid JSON ({exc}); delete it and re-run encode to rewrite shard {shard}"
+            f"done marker {file} is not valid JSON ({exc}); delete it and re-run {rerun} to rewrite shard {shard}"
         ) from exc
     if not isinstance(record, dict):
-        raise BankError(f"done marker {file} is not a JSON object; delete it and re-run encode")
+        raise BankError(f"done marker {file} is not a JSON object; delete it and re-run {rerun}")
     if bank_id is not None and record.get("bank_id") != bank_id:
         return None
     if record.get("fingerprint") != fingerprint:
         raise BankError(
-            f"{file} belongs to a different bank (fingerprint mismatch); delete it and re-run encode"
+            f"{file} belongs to a different bank (fingerprint mismatch); delete it and re-run {rerun}"
         )
     return record
 
@@ -223,14 +234,20 @@ class ArrayDef:
     part: str = ""
     per_image: bool = False
     """One entry per image, not per row (the pixels of ``BankSpec.pixels = "image"``)."""
+    per_view: bool = False
+    """One entry per training view: two per stored row of a mirrored bank (the soft labels, ``bank.labels``)."""
 
     def length(self, spec: BankSpec) -> int:
         """Entries in the whole array (its first dimension)."""
-        return spec.num_images if self.per_image else spec.num_rows
+        if self.per_image:
+            return spec.num_images
+        return spec.num_rows * views_per_row(spec) if self.per_view else spec.num_rows
 
     def slots(self, spec: BankSpec) -> int:
         """Entries per shard file (inner chunks of a sharded array, rows of a per-row array's chunk)."""
-        return spec.images_per_shard if self.per_image else spec.shard_rows
+        if self.per_image:
+            return spec.images_per_shard
+        return spec.shard_rows * views_per_row(spec) if self.per_view else spec.shard_rows
 
     def compressor_name(self, spec: BankSpec) -> str:
         """The lossless compressor of this array's chunks: the pixels' own when stored once per image."""
@@ -245,6 +262,11 @@ class ArrayDef:
     def shard_file(self, root: Path, shard: int) -> Path:
         """File of ``shard`` under the default chunk-key encoding (``c/<shard>/0/...``)."""
         return root / self.path / "c" / "/".join([str(shard)] + ["0"] * len(self.row_shape))
+
+
+def views_per_row(spec: BankSpec) -> int:
+    """Training views per stored row: 2 for a mirrored bank (the row and its mirror), else 1."""
+    return 2 if spec.mirror else 1
 
 
 def array_defs(spec: BankSpec) -> list[ArrayDef]:
@@ -284,10 +306,15 @@ def _byte_codecs(adef: ArrayDef, spec: BankSpec, format_version: int) -> list[An
     return codecs
 
 
-def create_arrays(group: zarr.Group, spec: BankSpec, format_version: int = FORMAT_VERSION) -> None:
-    """Create every array at its final size (several writers never resize: zarr's ``resize`` races on
-    ``zarr.json``)."""
-    for adef in array_defs(spec):
+def create_arrays(
+    group: zarr.Group,
+    spec: BankSpec,
+    format_version: int = FORMAT_VERSION,
+    defs: list[ArrayDef] | None = None,
+) -> None:
+    """Create every array (``defs``, default the bank's own) at its final size (several writers never resize:
+    zarr's ``resize`` races on ``zarr.json``)."""
+    for adef in array_defs(spec) if defs is None else defs:
         shape = (adef.length(spec), *adef.row_shape)
         compressors = _byte_codecs(adef, spec, format_version) or None
         if adef.sharded:
@@ -318,12 +345,15 @@ def _little_bytes(codec: dict[str, Any]) -> bool:
     return codec.get("name") == "bytes" and codec.get("configuration", {}).get("endian", "little") == "little"
 
 
-def check_arrays(root: Path, spec: BankSpec, format_version: int = FORMAT_VERSION) -> None:
+def check_arrays(
+    root: Path, spec: BankSpec, format_version: int = FORMAT_VERSION, defs: list[ArrayDef] | None = None
+) -> None:
     """Raise :class:`BankError` unless every array exists with the shape, dtype and codecs this format writes.
 
-    Reads each array's ``zarr.json`` directly (an invalid one is an error naming the file)."""
+    ``defs``: the arrays to check (default: the bank's own, :func:`array_defs`). Reads each array's ``zarr.json``
+    directly (an invalid one is an error naming the file)."""
     problems = []
-    for adef in array_defs(spec):
+    for adef in array_defs(spec) if defs is None else defs:
         file = Path(root) / adef.path / "zarr.json"
         try:
             meta = read_json_file(file, f"metadata of array {adef.path}")
@@ -423,6 +453,36 @@ def write_shard_file(
     index[:n, 1] = sizes
     index_bytes = index.tobytes()
     return write_file(path, [*parts, index_bytes, _crc32c_bytes(index_bytes)], batch=batch)
+
+
+def write_sharded_rows(
+    root: Path,
+    adef: ArrayDef,
+    shard: int,
+    values: np.ndarray,
+    spec: BankSpec,
+    encoder: Any | None,
+    *,
+    checksum: bool,
+    batch: DurableBatch,
+) -> dict[str, dict[str, int]]:
+    """One shard file of the sharded array ``adef``: each entry of ``values`` one inner chunk, compressed by
+    ``encoder`` (a numcodecs codec, or None); returns ``{path inside the bank: checksum}``. The file goes into
+    ``batch`` (durable at its commit)."""
+    little = np.ascontiguousarray(values, dtype=np.dtype(adef.dtype).newbyteorder("<"))
+    rows_bytes = little.reshape(len(little), -1).view(np.uint8)
+    if encoder is None:
+        chunks, nbytes = rows_bytes, np.full(len(rows_bytes), adef.row_nbytes)
+    else:  # each row as its dtype: blosc's shuffle needs the item size
+        encoded = [encoder.encode(row) for row in little]
+        chunks, nbytes = b"".join(encoded), np.array([len(e) for e in encoded])
+    file = adef.shard_file(root, shard)
+    remove_stale_tmp(file)
+    return {
+        str(file.relative_to(root)): write_shard_file(
+            file, chunks, nbytes, adef.slots(spec), checksum=checksum, batch=batch
+        )
+    }
 
 
 def write_raw_chunk(
@@ -783,7 +843,7 @@ class ShardFile:
     def _hint(self) -> str:
         if self.root is None or self.shard < 0:
             return "Re-run encode to rewrite its shard."
-        return repair_hint(self.root, self.shard, 2 if self.checksum else 1)
+        return repair_hint(self.root, self.shard, 2 if self.checksum else 1, labels=self.adef.per_view)
 
     def _where(self) -> str:
         rel = self.path.relative_to(self.root) if self.root is not None else self.path
@@ -863,7 +923,7 @@ class ShardFile:
                 out_bytes[slots[j]] = np.frombuffer(data, dtype=np.uint8)
 
     def _row(self, local: int) -> str:
-        what = "image" if self.adef.per_image else "row"
+        what = "image" if self.adef.per_image else "soft labels of view" if self.adef.per_view else "row"
         if self.shard < 0:
             return f"local {what} {local}"
         return f"{what} {self.shard * self.shard_rows + local}"
@@ -896,10 +956,12 @@ class ShardFileCache:
         *,
         checksum: bool = False,
         verify: bool = True,
+        extra_arrays: int = 0,
     ) -> None:
+        """``extra_arrays``: sharded arrays beside the bank's own (the soft labels') kept open as well."""
         self.root, self.spec = root, spec
         self.checksum, self.verify = checksum, verify
-        self.capacity = shards_open * sum(1 for d in array_defs(spec) if d.sharded)
+        self.capacity = shards_open * (sum(1 for d in array_defs(spec) if d.sharded) + extra_arrays)
         self._files: OrderedDict[tuple[str, int], ShardFile] = OrderedDict()
         self._pid = os.getpid()
 

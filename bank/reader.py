@@ -14,6 +14,7 @@ import numpy as np
 import zarr
 
 from bank.codecs import codec_for
+from bank.labels import LabelsSpec, label_array_defs, read_label_marker, read_labels_attrs
 from bank.layout import (
     SUMMARY_FILE,
     ArrayDef,
@@ -59,6 +60,7 @@ class Bank:
         row_meta: dict[str, np.ndarray],
         *,
         verify_chunks: bool = True,
+        labels: tuple[LabelsSpec, dict[int, dict[str, Any]]] | None = None,
     ):
         self.path, self.attrs, self.spec = path, attrs, spec
         self.format_version: int = attrs["format_version"]
@@ -78,13 +80,23 @@ class Bank:
         """Bases of the projected levels (``bank.projection``; checked against the spec's sha256 at open): the
         decoded coefficients of such a level go through ``projections[level].unproject`` (``decode_targets``)."""
         self._defs = array_defs(spec)
+        self.labels_spec, self.label_markers = labels if labels is not None else (None, {})
+        """The soft labels the bank declares (``bank.labels``; complete or not) and the done markers of their
+        shards; :attr:`labels` is the spec only once every shard is written."""
+        self._label_defs = label_array_defs(self.labels_spec, spec) if self.labels_spec is not None else []
         self.row_meta = row_meta
         """Small per-row metadata (source_index, draw, flip, seed, ok), read whole and checked at open; rows
         of shards not written are zero (ok=False)."""
         self._group: zarr.Group | None = None
-        self._files = ShardFileCache(path, spec, checksum=self.chunk_checksums, verify=verify_chunks)
+        self._files = ShardFileCache(
+            path,
+            spec,
+            checksum=self.chunk_checksums,
+            verify=verify_chunks,
+            extra_arrays=len(self._label_defs),
+        )
         self._buffers = BufferPool()
-        self._layouts: dict[tuple[str, ...] | None, tuple[list[ArrayDef], list[int], int]] = {}
+        self._layouts: dict[tuple[Any, bool], tuple[list[ArrayDef], list[int], int]] = {}
 
     @classmethod
     def open(
@@ -153,7 +165,9 @@ class Bank:
             )
         # 4. the per-row arrays, read straight from their files and checked (tiny next to the features)
         row_meta = _read_row_meta(path, spec, markers, version, check=check_rows)
-        return cls(path, attrs, spec, markers, row_meta, verify_chunks=verify_chunks)
+        # 5. soft labels, when the bank declares them: their spec, arrays, markers and file sizes
+        labels = _open_labels(path, spec, attrs, side)
+        return cls(path, attrs, spec, markers, row_meta, verify_chunks=verify_chunks, labels=labels)
 
     # ---- properties ----------------------------------------------------------------------------------------
     @property
@@ -184,6 +198,28 @@ class Bank:
             return None
         return data
 
+    @property
+    def labels(self) -> LabelsSpec | None:
+        """The bank's soft labels (``dreamteacher interpret``) when every shard's are written, else None."""
+        if self.labels_spec is None or len(self.label_markers) < self.spec.num_shards:
+            return None
+        return self.labels_spec
+
+    def require_labels(self) -> LabelsSpec:
+        """:attr:`labels`, or a one-line :class:`BankError` saying how to get them."""
+        if self.labels_spec is None:
+            raise BankError(
+                f"{self.path} holds no soft labels: run `dreamteacher interpret` (make interpret BANK={self.path}) "
+                "first, or distill without mix (distill.loss.mix=false)"
+            )
+        if self.labels is None:
+            missing = self.spec.num_shards - len(self.label_markers)
+            raise BankError(
+                f"{self.path}: its soft labels are incomplete ({missing} of {self.spec.num_shards} shards not "
+                "written); re-run `dreamteacher interpret` (make interpret) to finish them (it resumes)"
+            )
+        return self.labels_spec
+
     def keys(self, rows: Sequence[int] | slice) -> list[str]:
         if self._group is None:
             self._group = zarr.open_group(self.path, mode="r")
@@ -203,9 +239,12 @@ class Bank:
         levels: list[str] | None = None,
         *,
         mirror: np.ndarray | None = None,
+        labels: bool = False,
     ) -> dict[str, Any]:
         """Rows as numpy: ``image`` uint8 (n, 3, H, W), ``targets`` {level: {part: encoded array}} (NOT decoded),
-        ``row``, ``source_index``, ``draw``, ``flip``, ``seed``, ``ok`` (n,).
+        ``row``, ``source_index``, ``draw``, ``flip``, ``seed``, ``ok`` (n,); with ``labels``, ``labels``
+        {part: encoded array} too: the soft labels of each requested view (``bank.labels``; the mirrored view's
+        own when ``mirror``), or a :class:`BankError` when the bank has none complete.
 
         ``image`` is each row's view: a flipped row's pixels are mirrored whether the bank stores them so
         (``pixels: rows``) or once per image. ``mirror`` (n,) bool: rows whose pixels are mirrored on top (the
@@ -217,8 +256,11 @@ class Bank:
         overwritten while anyone can still see it."""
         index = _as_index_array(rows, self.num_rows)
         n = len(index)
+        to_mirror = np.zeros(n, bool) if mirror is None else np.asarray(mirror, bool).reshape(n)
+        if labels:
+            self.require_labels()
         # 1. one buffer for the whole batch, one (n, row_nbytes) segment per array
-        defs, starts, row_block = self._batch_layout(levels)
+        defs, starts, row_block = self._batch_layout(levels, labels)
         buffer = self._buffers.take(n * row_block)
         segments = {
             d.path: buffer[n * start : n * (start + d.row_nbytes)].reshape(n, d.row_nbytes)
@@ -235,8 +277,11 @@ class Bank:
                 raise BankError(f"{self.path}: rows of shard {shard} requested but the shard is not written")
             local = index[group] - shard * spec.shard_rows
             local_image = local // spec.views_per_image  # pixels stored once per image
+            local_view = local * 2 + to_mirror[group] if spec.mirror else local  # soft labels: one per view
+            if labels and shard not in self.label_markers:
+                raise BankError(f"{self.path}: soft labels of shard {shard} requested but not written")
             for d in defs:
-                entries = local_image if d.per_image else local
+                entries = local_image if d.per_image else local_view if d.per_view else local
                 self._files.get(d, shard).read_into(entries, segments[d.path], group)
         # 3. typed views: image (n, 3, H, W), targets {level: {part: (n, *part_shape)}}
         out: dict[str, Any] = {"targets": {}}
@@ -244,6 +289,8 @@ class Bank:
             view = segments[d.path].view(d.dtype).reshape(n, *d.row_shape)
             if d.path == "image":
                 out["image"] = view
+            elif d.per_view:
+                out.setdefault("labels", {})[d.part] = view
             else:
                 out["targets"].setdefault(d.level, {})[d.part] = view
         out["row"] = index
@@ -251,18 +298,20 @@ class Bank:
             out[name] = values[index]
         # 4. views the stored pixels do not hold as such: flipped rows of pixels once per image, mirrored views
         if "image" in out:
-            to_mirror = np.zeros(n, bool) if mirror is None else np.asarray(mirror, bool).reshape(n)
+            to_mirror = to_mirror.copy()
             if spec.pixels == "image":
                 to_mirror ^= out["flip"] == 1
             if to_mirror.any():
                 out["image"][to_mirror] = out["image"][to_mirror][..., ::-1]
         return out
 
-    def _batch_layout(self, levels: list[str] | None) -> tuple[list[ArrayDef], list[int], int]:
+    def _batch_layout(
+        self, levels: list[str] | None, labels: bool = False
+    ) -> tuple[list[ArrayDef], list[int], int]:
         """Arrays to read, each one's start inside a row block (64-byte aligned), and the block's size."""
-        key = None if levels is None else tuple(levels)
+        key = (None if levels is None else tuple(levels), labels)
         if key not in self._layouts:
-            defs = self.array_defs(levels)
+            defs = self.array_defs(levels) + (self._label_defs if labels else [])
             starts, total = [], 0
             for d in defs:
                 starts.append(total)
@@ -340,6 +389,46 @@ def _read_row_meta(
             if name in out:
                 out[name][span.start : span.stop] = rows[: len(span)]
     return out
+
+
+def _open_labels(
+    path: Path, spec: BankSpec, attrs: dict[str, Any], side: Path
+) -> tuple[LabelsSpec, dict[int, dict[str, Any]]] | None:
+    """The declared soft labels' spec and the done markers of their written shards (each marker's files present
+    at the recorded size), or None when the bank declares none."""
+    recorded = read_labels_attrs(path)
+    if recorded is None:
+        return None
+    try:
+        labels = LabelsSpec.from_dict(recorded["spec"])
+    except (KeyError, TypeError) as exc:
+        raise BankError(
+            f"{path / 'zarr.json'}: the recorded soft-label spec is invalid ({exc}); re-write the labels with "
+            "`dreamteacher interpret --overwrite`"
+        ) from exc
+    fingerprint = labels.fingerprint(attrs["fingerprint"])
+    if recorded.get("fingerprint") != fingerprint:
+        raise BankError(
+            f"{path}: its soft labels were written for other bank contents or edited (fingerprint mismatch); "
+            "re-write them with `dreamteacher interpret --overwrite`"
+        )
+    check_arrays(path, spec, attrs["format_version"], label_array_defs(labels, spec))
+    markers = {}
+    for shard in range(spec.num_shards):
+        record = read_label_marker(side, shard, fingerprint=fingerprint, bank_id=attrs.get("bank_id"))
+        if record is None:
+            continue
+        for rel, check in record["files"].items():
+            file = path / rel
+            size = file.stat().st_size if file.exists() else None
+            if size != check["nbytes"]:
+                raise BankError(
+                    f"{path}: soft labels of shard {shard}: file {rel} is "
+                    f"{'missing' if size is None else f'truncated/changed ({size} bytes)'}; re-write them with "
+                    "`dreamteacher interpret --overwrite`"
+                )
+        markers[shard] = record
+    return labels, markers
 
 
 def _as_index_array(rows: Sequence[int] | slice, num_rows: int) -> np.ndarray:

@@ -116,7 +116,62 @@ def verify_bank(path: str | Path, *, progress: bool = True) -> VerifyReport:
                 if rows.size:
                     bad(f"level {level} rows {rows.tolist()} {name}", rows.tolist())
         report.checked_shards += 1
+    if bank.labels_spec is not None:
+        _verify_labels(bank, group, report, progress=progress)
     return report
+
+
+def _verify_labels(bank: Bank, group: zarr.Group, report: VerifyReport, *, progress: bool) -> None:
+    """The soft labels' shards: written, files as their markers record, chunks' crc32c, both readers agreeing,
+    decoded logits finite."""
+    import torch
+
+    from bank.dataset import decode_labels
+    from bank.labels import labels_side
+
+    spec, path = bank.spec, bank.path
+    per_row = 2 if spec.mirror else 1
+    for shard in tqdm(range(spec.num_shards), desc="verify soft labels", disable=not progress):
+        span = spec.shard_range(shard)
+        record = bank.label_markers.get(shard)
+        hint = repair_hint(path, shard, bank.format_version, labels=True)
+        if record is None:
+            report.problems.append(
+                f"shard {shard}: soft labels not written (no {done_marker_name(shard)} in "
+                f"{labels_side(bank.side)}); re-run `dreamteacher interpret` (it resumes)"
+            )
+            report.bad_rows.update(span)
+            continue
+        bad_files = [rel for rel, check in record["files"].items() if _checksum_or_none(path / rel) != check]
+        if bad_files:
+            report.problems.append(f"shard {shard}: soft labels: checksum mismatch in {bad_files}. {hint}")
+            report.bad_rows.update(span)
+            continue
+        rows = np.repeat(np.asarray(span), per_row)
+        mirror = np.tile(np.arange(per_row) == 1, len(span)) if spec.mirror else None
+        try:
+            batch = bank.read_rows(rows, [], mirror=mirror, labels=True)
+            views = range(span.start * per_row, span.stop * per_row)
+            for part, direct in batch["labels"].items():
+                if not np.array_equal(direct, group[f"labels/{part}"][views.start : views.stop]):
+                    raise BankError(f"labels/{part} differs between the direct reader and zarr")
+            logits = decode_labels({k: torch.from_numpy(v) for k, v in batch["labels"].items()}, "cpu")
+        except (BankError, ValueError) as exc:
+            report.problems.append(
+                f"shard {shard}: soft labels unreadable: {exc}".split(" Repair:")[0] + f". {hint}"
+            )
+            report.bad_rows.update(span)
+            continue
+        if not torch.isfinite(logits).all():
+            report.problems.append(f"shard {shard}: soft labels hold NaN/Inf. {hint}")
+            report.bad_rows.update(span)
+
+
+def _checksum_or_none(file: Path) -> dict[str, int] | None:
+    try:
+        return file_checksum(file)
+    except FileNotFoundError:
+        return None
 
 
 def unmark_shards(path: str | Path, shards: set[int] | list[int]) -> list[Path]:

@@ -62,7 +62,7 @@ from bank.layout import (
     write_file,
     write_json,
     write_raw_chunk,
-    write_shard_file,
+    write_sharded_rows,
 )
 from bank.projection import Projection, check_projection_config, read_projections, write_projections
 from bank.spec import (
@@ -500,22 +500,16 @@ class BankWriter:
     ) -> dict[str, dict[str, int]]:
         """One shard file of a sharded array (each row one inner chunk, compressed when the bank is); returns
         ``{path inside the bank: checksum}``."""
-        adef = self.arrays[name]
-        little = np.ascontiguousarray(values, dtype=np.dtype(adef.dtype).newbyteorder("<"))
-        rows_bytes = little.reshape(len(little), -1).view(np.uint8)
-        encoder = self._chunk_encoders.get(name)
-        if encoder is None:
-            chunks, nbytes = rows_bytes, np.full(len(rows_bytes), adef.row_nbytes)
-        else:  # each row as its dtype: blosc's shuffle needs the item size
-            encoded = [encoder.encode(row) for row in little]
-            chunks, nbytes = b"".join(encoded), np.array([len(e) for e in encoded])
-        file = adef.shard_file(self.path, shard)
-        remove_stale_tmp(file)
-        return {
-            str(file.relative_to(self.path)): write_shard_file(
-                file, chunks, nbytes, adef.slots(self.spec), checksum=self.checksum, batch=batch
-            )
-        }
+        return write_sharded_rows(
+            self.path,
+            self.arrays[name],
+            shard,
+            values,
+            self.spec,
+            self._chunk_encoders.get(name),
+            checksum=self.checksum,
+            batch=batch,
+        )
 
     def _check_rows(self, shard: int, span: range, rows: ShardRows) -> None:
         n, spec, problems = len(span), self.spec, []

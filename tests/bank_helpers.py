@@ -26,15 +26,24 @@ def activation_like(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g) * scale + offset
 
 
-def make_spec(cfg: BankConfig, num_images: int = 5, draws: int = 2, flips: int = 2) -> BankSpec:
+def make_spec(
+    cfg: BankConfig,
+    num_images: int = 5,
+    draws: int = 2,
+    flips: int = 2,
+    *,
+    mirror: bool = False,
+    image_size: int = 16,
+) -> BankSpec:
     return spec_from_config(
         LEVELS,
         cfg,
         num_images=num_images,
         draws=draws,
         flips=flips,
-        image_size=16,
+        image_size=image_size,
         attributes={"teacher": {"kind": "test"}, "encoding": {"mode": "noise", "t": 50}},
+        mirror=mirror,
     )
 
 

@@ -72,6 +72,16 @@ def info(path: str, as_json: bool) -> None:
     click.echo(
         f"features    {total / 1e6:.3f} MB/view, {total * spec.num_rows / 1e9:.3f} GB in all (uncompressed)"
     )
+    if b.labels_spec is not None:
+        labels, who = b.labels_spec, b.labels_spec.interpreter
+        state = (
+            "complete" if b.labels is not None else f"{len(b.label_markers)}/{spec.num_shards} shards written"
+        )
+        click.echo(
+            f"soft labels {labels.num_classes} classes x {labels.height}x{labels.width} (stride {labels.stride}) "
+            f"codec {labels.codec}, {state}; interpreter {str(who.get('sha256', '?'))[:12]} "
+            f"(test mIoU {who.get('test_mIoU', '?')}, data {who.get('data', '?')})"
+        )
     click.echo(f"rejects     {len(b.rejects)}")
     for key, reason in list(b.rejects.items())[:20]:
         click.echo(f"  {key}: {reason}")
