@@ -19,6 +19,7 @@ EXP     ?=
 GPUS    ?= 1
 TASK    ?=
 CKPT    ?=
+LABELS  ?=
 ARGS    ?=
 # Multi-node distill / finetune (docs/distill.md): run the same make command on every node with its NODE_RANK;
 # MASTER is HOST:PORT of node 0, where torchrun's c10d rendezvous listens.
@@ -31,7 +32,7 @@ TORCHRUN_ARGS = $(if $(filter 1,$(NNODES)),--standalone --nproc_per_node=$(GPUS)
 
 opt = $(if $(2),$(1)=$(2))
 
-.PHONY: venv demo test test-all lint format teacher encode distill finetune bank-info bank-verify \
+.PHONY: venv demo test test-all lint format teacher encode interpret distill finetune bank-info bank-verify \
         bench-encode bench-bank bench-distill study gpu-wheels gpu-check clean
 
 venv: $(STAMP)
@@ -75,6 +76,10 @@ else
 	$(VENV)/bin/torchrun $(TORCHRUN_ARGS) -m dreamteacher distill --config $(CONFIG) encode.data=$(DATA) \
 	  $(call opt,distill.bank,$(BANK)) $(call opt,distill.student.name,$(STUDENT)) $(call opt,distill.exp,$(EXP)) $(ARGS)
 endif
+
+interpret: $(STAMP)
+	$(DT) interpret --config $(CONFIG) encode.data=$(DATA) $(call opt,interpret.data,$(LABELS)) \
+	  $(call opt,interpret.bank,$(BANK)) $(ARGS)
 
 finetune: $(STAMP)
 ifeq ($(GPUS)$(NNODES),11)

@@ -21,6 +21,7 @@ PROJECT_PACKAGES = (
     "distill",
     "finetune",
     "teacher_training",
+    "interpret",
 )
 """Top-level packages of this project, bottom layer first (tests/test_layers.py holds the layer rules)."""
 

@@ -39,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "teacher": "dreamteacher.commands.teacher:teacher",
     "encode": "dreamteacher.commands.encode:encode",
     "bank": "dreamteacher.commands.bank:bank",
+    "interpret": "dreamteacher.commands.interpret:interpret",
     "distill": "dreamteacher.commands.distill:distill",
     "finetune": "dreamteacher.commands.finetune:finetune",
     "demo": "dreamteacher.commands.demo:demo",
@@ -61,11 +62,13 @@ MAKE_VARIABLES: dict[str, str] = {
     "finetune.ckpt": "CKPT",
     "finetune.exp": "EXP",
     "teacher_train.data": "DATA",
+    "interpret.data": "LABELS",
+    "interpret.bank": "BANK",
 }
 
 _PROJECT_PACKAGES = frozenset(
     {"dreamteacher", "configlib", "sources", "training", "teachers", "bank", "encode", "distill", "finetune",
-     "teacher_training"}
+     "teacher_training", "interpret"}
 )  # fmt: skip
 _DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system"}
 if hasattr(errno, "EDQUOT"):

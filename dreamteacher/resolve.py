@@ -6,7 +6,10 @@ Every value that one setting derives from another is computed here and nowhere e
 * the encode teacher: ``encode.teacher``, else the dataset's ``teacher``;
 * the noise step T: ``encode.t``, else the dataset's ``t`` (the paper's per-dataset choice);
 * the fine-tuning dataset: ``finetune.data``, else the task's (:data:`TASK_DATA`);
-* the bank path: ``encode.bank`` / ``distill.bank``, else ``banks/<encode.data>.zarr`` (:func:`default_bank`).
+* the bank path: ``encode.bank`` / ``distill.bank`` / ``interpret.bank``, else ``banks/<encode.data>.zarr``
+  (:func:`default_bank`);
+* the interpreter file: ``distill.loss.interpreter``, else ``<interpret.out>/<interpret.exp>/interpreter.safetensors``
+  with ``interpret.exp`` defaulting to ``interpret.data``.
 
 Stages receive only their own section plus these inputs (``encode.inputs.EncodeInputs`` ...) and write them into
 their run's ``config.yaml``, so a run folder says exactly what it was made with.
@@ -22,10 +25,11 @@ from distill.inputs import DistillInputs
 from dreamteacher.schema import PipelineConfig
 from encode.inputs import EncodeInputs
 from finetune.inputs import FinetuneInputs
+from interpret.inputs import InterpretInputs
 from teacher_training.inputs import TeacherTrainInputs
 from teachers.registry import synthesizes
 
-Stage = Literal["encode", "distill", "finetune", "teacher"]
+Stage = Literal["encode", "distill", "interpret", "finetune", "teacher"]
 
 
 def default_bank(data: str) -> str:
@@ -51,9 +55,27 @@ def _encode(cfg: PipelineConfig) -> EncodeInputs:
     return EncodeInputs(encode=resolved, bank=cfg.bank, dataset=dataset, teacher=cfg.teacher(teacher_name))
 
 
+def _interpret_config(cfg: PipelineConfig):  # noqa: ANN202 - InterpretConfig
+    it = cfg.interpret
+    return dataclasses.replace(it, bank=it.bank or default_bank(cfg.encode.data), exp=it.exp or it.data)
+
+
+def interpreter_file(cfg: PipelineConfig) -> str:
+    """Where ``dreamteacher interpret`` saves its interpreter (and online mix distillation looks for it)."""
+    it = _interpret_config(cfg)
+    return f"{it.out}/{it.exp}/interpreter.safetensors"
+
+
 def _distill(cfg: PipelineConfig) -> DistillInputs:
-    bank = cfg.distill.bank or default_bank(cfg.encode.data)
-    return DistillInputs(distill=dataclasses.replace(cfg.distill, bank=bank), teachers=dict(cfg.teachers))
+    dcfg = cfg.distill
+    loss = dataclasses.replace(dcfg.loss, interpreter=dcfg.loss.interpreter or interpreter_file(cfg))
+    bank = dcfg.bank or default_bank(cfg.encode.data)
+    return DistillInputs(distill=dataclasses.replace(dcfg, bank=bank, loss=loss), teachers=dict(cfg.teachers))
+
+
+def _interpret(cfg: PipelineConfig) -> InterpretInputs:
+    it = _interpret_config(cfg)
+    return InterpretInputs(interpret=it, dataset=cfg.dataset(it.data), teachers=dict(cfg.teachers))
 
 
 TASK_DATA: dict[str, str] = {
@@ -83,6 +105,8 @@ def resolve(cfg: PipelineConfig, stage: Literal["encode"]) -> EncodeInputs: ...
 @overload
 def resolve(cfg: PipelineConfig, stage: Literal["distill"]) -> DistillInputs: ...
 @overload
+def resolve(cfg: PipelineConfig, stage: Literal["interpret"]) -> InterpretInputs: ...
+@overload
 def resolve(cfg: PipelineConfig, stage: Literal["finetune"]) -> FinetuneInputs: ...
 @overload
 def resolve(cfg: PipelineConfig, stage: Literal["teacher"]) -> TeacherTrainInputs: ...
@@ -90,12 +114,13 @@ def resolve(cfg: PipelineConfig, stage: Literal["teacher"]) -> TeacherTrainInput
 
 def resolve(
     cfg: PipelineConfig, stage: Stage
-) -> EncodeInputs | DistillInputs | FinetuneInputs | TeacherTrainInputs:
+) -> EncodeInputs | DistillInputs | InterpretInputs | FinetuneInputs | TeacherTrainInputs:
     """The inputs of ``stage``; an unknown dataset / teacher name or a missing T is a ``ConfigError``.
 
     Only the requested stage is resolved, so ``make distill`` does not fail on an encode-only setting.
     """
-    resolvers = {"encode": _encode, "distill": _distill, "finetune": _finetune, "teacher": _teacher}
+    resolvers = {"encode": _encode, "distill": _distill, "interpret": _interpret, "finetune": _finetune,
+                 "teacher": _teacher}  # fmt: skip
     if stage not in resolvers:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(resolvers)}")
     return resolvers[stage](cfg)

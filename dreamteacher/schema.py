@@ -12,6 +12,7 @@ from configlib import ConfigError, apply_overrides, from_mapping, read_yaml
 from distill.config import DistillConfig
 from encode.config import EncodeConfig
 from finetune.config import FinetuneConfig
+from interpret.config import InterpretConfig
 from sources.datasets import DatasetConfig
 from teacher_training.config import TeacherTrainConfig
 from teachers.config import TeacherConfig
@@ -31,6 +32,10 @@ class DemoSizeConfig:
     encode: list[str] = field(default_factory=list)
     """Applied for the encode stage (and everything after it), e.g. ``datasets.demo.limit=1000``."""
     distill: list[str] = field(default_factory=list)
+    interpret: list[str] = field(default_factory=list)
+    """The feature interpreter (trained on ``demo-fewshot``'s train split, soft labels into the demo bank)."""
+    mix: list[str] = field(default_factory=list)
+    """Applied on top of ``distill`` for the mix-distilled student (``distill.loss.mix=true`` is added)."""
     fewshot: list[str] = field(default_factory=list)
     """Fine-tuning on the few-label semantic split (``demo-fewshot``)."""
     coco: list[str] = field(default_factory=list)
@@ -86,6 +91,7 @@ class PipelineConfig:
     bank: BankConfig
     distill: DistillConfig
     finetune: FinetuneConfig
+    interpret: InterpretConfig = field(default_factory=InterpretConfig)
     teacher_train: TeacherTrainConfig
     demo: DemoConfig = field(default_factory=DemoConfig)
 

@@ -81,6 +81,16 @@ def row_seed(global_seed: int, key: str, draw: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def fresh_seed(global_seed: int, key: str, visit: int, flip: int) -> int:
+    """A 63-bit noise seed of one visit of one view, from sha256("fresh/seed/visit/flip/key"): fresh noise for
+    online targets (``distill.targets=online``) and the feature interpreter's training draws.
+
+    The ``fresh/`` prefix keeps these seeds apart from the bank's stored draws (:func:`row_seed`).
+    """
+    digest = hashlib.sha256(f"fresh/{int(global_seed)}/{int(visit)}/{int(flip)}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def make_noise(seeds: Sequence[int], flips: Sequence[bool], shape_CHW: Sequence[int]) -> torch.Tensor:
     """Standard normal noise (B, C, H, W) on CPU, one ``torch.Generator`` per row.
 

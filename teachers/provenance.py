@@ -196,6 +196,33 @@ class Provenance:
             {**self.teacher_config, "path": local.path, "checkpoint": local.checkpoint, **runtime},
         )
 
+    def rebuild_encoder(
+        self,
+        teachers: dict[str, TeacherConfig],
+        device: torch.device,
+        *,
+        levels: list[str] | None = None,
+        purpose: str = "",
+    ) -> TeacherEncoder:
+        """The recorded read-out, rebuilt on this machine: the ``teachers`` entry of the recorded name gives only
+        the weights' location (and execution choices), and the weights must be the recorded ones (sha256).
+        ``levels``: the taps to read (all when None). ``purpose`` prefixes the error messages."""
+        name, where = self.teacher_name, f"{purpose}: " if purpose else ""
+        if name not in teachers:
+            raise ValueError(
+                f"{where}the bank was encoded by teacher {name!r}, which is not in the config's teachers "
+                f"({', '.join(sorted(teachers))}); add it with its path / checkpoint"
+            )
+        encoder = build_encoder(
+            self.teacher_config_at(teachers[name]),
+            self.encoding,
+            device,
+            taps=self.tap_configs(levels),
+            name=name,
+        )
+        self.check_weights(encoder.teacher.identity())
+        return encoder
+
     def check_weights(self, identity: dict[str, Any]) -> None:
         """Refuse a teacher whose weights differ from the recorded ones (sha256)."""
         want, have = self.teacher_identity.get("weights_sha256"), identity.get("weights_sha256")

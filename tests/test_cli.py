@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from dreamteacher.cli import COMMANDS, main
 
-EXPECTED_COMMANDS = ["teacher", "encode", "bank", "distill", "finetune", "demo"]
+EXPECTED_COMMANDS = ["teacher", "encode", "bank", "interpret", "distill", "finetune", "demo"]
 
 
 def test_command_list_is_frozen() -> None:
@@ -89,6 +89,20 @@ def test_missing_checkpoint_for_finetune_names_the_key_and_make_variable(tmp_pat
     assert "`make finetune CKPT=...`" in proc.stderr
     debug = _run(args, tmp_path, DREAMTEACHER_DEBUG="1")
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+
+
+@pytest.mark.slow
+def test_mix_distill_on_a_bank_without_soft_labels_is_one_error_line(tmp_path: Path) -> None:
+    from tests.bank_helpers import write_bank
+
+    write_bank(tmp_path / "b.zarr", image_size=32)
+    args = ["distill", *_config("distill.bank=b.zarr", "distill.loss.mix=true", "distill.student.name=resnet18",
+                                "distill.out=runs")]  # fmt: skip
+    proc = _run(args, tmp_path)
+    assert proc.returncode == 1
+    line = _one_error_line(proc)
+    assert "no soft labels" in line and "dreamteacher interpret" in line and "distill.loss.mix=false" in line
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
 def test_bad_t_is_a_config_error_naming_the_key(tmp_path: Path) -> None:

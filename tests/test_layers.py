@@ -26,6 +26,7 @@ LAYERS: dict[str, tuple[str, int]] = {
     "distill": ("stages", 3),
     "finetune": ("stages", 3),
     "teacher_training": ("stages", 3),
+    "interpret": ("stages", 3),
     "dreamteacher": ("app", 4),
 }
 
