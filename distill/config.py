@@ -27,13 +27,18 @@ class LossConfig:
     sample: per-pixel whitening flattens the per-pixel energy that attention transfer distils (distill/losses.py)."""
     at_weight: float = 10.0
     """L_feat = MSE + at_weight * AT (paper: 10)."""
+    mix: bool = False
+    """Mix distillation (the paper's L_mix = L_feat + label_weight * L_ld): the student's logit head also learns
+    the feature interpreter's soft labels: the bank's (``dreamteacher interpret`` writes them) for
+    ``targets=bank``, the interpreter run on the teacher's fresh features for ``targets=online`` / ``replay``."""
     label_weight: float = 1.0
-    """Weight of label distillation when an interpreter is given (paper: 1.0)."""
+    """lambda of L_mix (paper: 1.0)."""
     label_temperature: float = 4.0
-    """Softmax temperature tau of label distillation (paper: 4.0)."""
-    label_logits: str = ""
-    """Label distillation: safetensors file with a ``logits`` tensor (bank rows, K, h, w) of interpreter logits
-    aligned with the bank's rows; empty = feature distillation only."""
+    """Softmax temperature tau of L_ld (paper: 4.0); no tau^2 factor (distill/losses.py says why)."""
+    interpreter: str = ""
+    """Interpreter file for online / replay mix distillation; empty = ``dreamteacher interpret``'s output
+    (``<interpret.out>/<interpret.exp>/interpreter.safetensors``). Checked against the sha256 the bank's soft
+    labels record, when it holds any."""
 
 
 @dataclass(kw_only=True)

@@ -187,7 +187,7 @@ def evaluate_run(
     from sources.datasets import DatasetConfig
     from sources.images import list_images, load_image
     from teachers.encoding import row_seed
-    from teachers.provenance import Provenance, build_encoder
+    from teachers.provenance import Provenance
     from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from training.runtime import resolve_device
 
@@ -203,16 +203,7 @@ def evaluate_run(
         raise ValueError(
             f"the bank was encoded with mode={provenance.encoding.mode}; fidelity needs noise draws"
         )
-    name = provenance.teacher_name
-    if name not in teachers:
-        raise ValueError(
-            f"the bank's teacher {name!r} is not in the config's teachers ({', '.join(teachers)})"
-        )
-    encoder = build_encoder(
-        provenance.teacher_config_at(teachers[name]), provenance.encoding, dev,
-        taps=provenance.tap_configs(levels), name=name,
-    )  # fmt: skip
-    provenance.check_weights(encoder.teacher.identity())
+    encoder = provenance.rebuild_encoder(teachers, dev, levels=levels, purpose="distill eval")
     # 2. The trained student + regressor.
     state = load_checkpoint(exp_dir / CHECKPOINT_NAME)["model"]
     num_classes = int(state["label_head.weight"].shape[0]) if "label_head.weight" in state else 0

@@ -14,8 +14,12 @@ L_feat = L_MSE + at_weight * L_AT, each the mean over levels (the paper's 1/L su
   and takes the MEAN of the SQUARED difference over pixels (and batch): same normalised maps (the mean and the sum
   differ by 1/C, removed by the normalisation), but a squared, per-pixel-averaged distance, which is smaller by a
   factor ~H*W/||d|| and has a different gradient profile.
-* Label distillation: cross-entropy between the temperature-softened interpreter distribution and the student's
-  (-sum_k softmax(t/tau)_k log_softmax(s/tau)_k, mean over pixels and batch), as in the paper; no tau^2 factor.
+* Label distillation L_ld: cross-entropy between the temperature-softened interpreter distribution and the
+  student's (-sum_k softmax(t/tau)_k log_softmax(s/tau)_k, mean over pixels and batch), as in the paper, and
+  L_mix = L_feat + lambda * L_ld (``distill.loss.mix``). No tau^2 factor: Hinton et al. multiply by tau^2 to keep
+  the soft term's gradients (which scale as 1/tau) comparable to a HARD-label cross-entropy's when both are
+  summed; here nothing hard-labelled is summed with it, the paper writes L_ld without the factor, and its
+  lambda = 1.0 was chosen for that form (with tau = 4 the factor would weigh L_ld 16x).
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ class DistillNet(nn.Module):
             pool_scales=pool_scales,
             extra_outputs=[names[0]] if num_classes > 0 else [],
         )
-        # Label distillation: student logits from the finest FPN level (stride 4), like a segmentation head.
+        # Mix distillation's logit head: a 1x1 conv on the regressor's finest FPN level (stride 4), where a
+        # segmentation decoder would read. It is deliberately tiny, so the soft labels' semantics must be carried by
+        # the backbone (+ FPN), and the backbone is what fine-tuning keeps (the paper distils into the backbone that
+        # is fine-tuned later); the head and the regressor are dropped after distillation.
         self.label_head = nn.Conv2d(channels, num_classes, 1) if num_classes > 0 else None
         mean = torch.tensor(student.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
         std = torch.tensor(student.pretrained_cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)

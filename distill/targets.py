@@ -15,13 +15,11 @@ them apart.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +46,6 @@ class BankTargets:
         return decode_targets(payload, self.device, mirror=batch.get("mirror"), projections=self.projections)
 
 
-def fresh_seed(global_seed: int, key: str, visit: int, flip: int) -> int:
-    """A 63-bit noise seed of one visit of one view, from sha256("fresh/seed/visit/flip/key").
-
-    The ``fresh/`` prefix keeps these seeds apart from the bank's stored draws (``teachers.encoding.row_seed``).
-    """
-    digest = hashlib.sha256(f"fresh/{int(global_seed)}/{int(visit)}/{int(flip)}/{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
 class TeacherTargets:
     """Targets computed by the bank's teacher from the stored input pixels: fresh noise (``online``) or the
     stored noise (``replay``).
@@ -76,10 +65,9 @@ class TeacherTargets:
         fresh: bool,
         seed: int = 0,
     ) -> None:
-        from teachers.provenance import Provenance, build_encoder
+        from teachers.provenance import Provenance
 
         provenance = Provenance.from_dict(bank.spec.attributes)
-        name = provenance.teacher_name
         source = "online" if fresh else "replay"
         if not fresh and (bank.spec.mean_of > 1 or bank.spec.mirror):
             what = (
@@ -89,17 +77,10 @@ class TeacherTargets:
                 f"distill.targets=replay re-computes a bank's stored draws, and {bank.path} holds {what}; "
                 "use distill.targets=bank (its rows) or online (fresh draws)"
             )
-        if name not in teachers:
-            raise ValueError(
-                f"distill.targets={source}: the bank was encoded by teacher {name!r}, which is not in the config's "
-                f"teachers ({', '.join(sorted(teachers))}); add it with its path / checkpoint"
-            )
-        teacher_cfg = provenance.teacher_config_at(teachers[name])
-        self.encoder = build_encoder(
-            teacher_cfg, provenance.encoding, device, taps=provenance.tap_configs(levels), name=name
+        self.encoder = provenance.rebuild_encoder(
+            teachers, device, levels=levels, purpose=f"distill.targets={source}"
         )
         self.teacher = self.encoder.teacher
-        provenance.check_weights(self.teacher.identity())
         self.device, self.levels, self.mode = device, levels, provenance.encoding.mode
         self.fresh, self.seed, self.draws = fresh, seed, bank.spec.draws
         self._bank = bank
@@ -115,6 +96,8 @@ class TeacherTargets:
         if not self.fresh:  # the stored draw: same seed and mirror rule as encode
             return [int(s) for s in batch["seed"]], flips
         # the batch's keys only: a whole-bank key list would hold millions of strings at ImageNet scale
+        from teachers.encoding import fresh_seed
+
         keys = self._bank.keys([int(row) for row in batch["row"]])
         seeds = [
             fresh_seed(self.seed, key, self.epoch * self.draws + int(draw), int(flip))
@@ -139,22 +122,29 @@ class TeacherTargets:
         return {name: feats[name].float().clone() for name in self.levels}
 
 
-class LabelLogits:
-    """Interpreter logits per bank row from a safetensors file (``logits``: (rows, K, h, w)), read per batch."""
+class BankLabels:
+    """The bank's soft labels (``dreamteacher interpret``), dequantised on the device after the host->device copy
+    (each view's own: a mirrored bank stores its flipped views' labels, computed from the mirrored features)."""
 
-    def __init__(self, path: str | Path, num_rows: int) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"distill.loss.label_logits: {str(path)!r} does not exist")
-        self._file = safe_open(str(path), framework="pt")
-        if "logits" not in self._file.keys():  # noqa: SIM118 - safe_open is not a mapping
-            raise ValueError(f"{path} has no 'logits' tensor (found {list(self._file.keys())})")
-        self._slice = self._file.get_slice("logits")
-        shape = self._slice.get_shape()
-        if len(shape) != 4 or shape[0] != num_rows:
-            raise ValueError(f"{path}: logits shape {shape}; expected (bank rows = {num_rows}, K, h, w)")
-        self.num_classes = int(shape[1])
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
 
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        """``(B, K, h, w)`` logits of the batch's rows (contiguous per-row slices: no full-file load)."""
-        return torch.cat([self._slice[int(r) : int(r) + 1] for r in rows]).float()
+    def __call__(self, batch: dict[str, Any], feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        from bank import decode_labels
+
+        return decode_labels(batch["labels"], self.device)
+
+
+class InterpreterLabels:
+    """The interpreter run on the batch's teacher features (online / replay targets: fresh features, fresh
+    labels), in eval mode and without gradients, as ``dreamteacher interpret`` writes them into a bank."""
+
+    def __init__(self, path: str | Path, device: torch.device, *, sha256: str = "") -> None:
+        from teachers.interpreter import load_interpreter
+
+        self.model, _ = load_interpreter(path, device, sha256=sha256)
+        self.levels = self.model.levels
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any], feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model({name: feats[name] for name in self.levels}).float()

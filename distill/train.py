@@ -25,8 +25,8 @@ from distill.export import export_artifacts
 from distill.inputs import DistillInputs
 from distill.model import DistillNet
 from distill.student import STUDENT_STRIDES, build_student
-from distill.targets import BankTargets, LabelLogits, TeacherTargets
-from distill.trainer import StepSettings, Trainer
+from distill.targets import BankLabels, BankTargets, InterpreterLabels, TeacherTargets
+from distill.trainer import LabelFn, StepSettings, Trainer
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.metrics import MetricsLog, MetricsWindow
 from training.runtime import Runtime, seed_everything, setup_runtime, teardown_runtime
@@ -59,10 +59,13 @@ def check_bank_fits(bank: Any, dcfg: DistillConfig) -> list[str]:
     return levels
 
 
-def record_bank(exp_dir: Path, bank: Any, *, resume: bool) -> None:
-    """Write ``bank.json``; on resume refuse a bank whose fingerprint differs from the recorded one."""
+def record_bank(exp_dir: Path, bank: Any, *, resume: bool, labels: str = "") -> None:
+    """Write ``bank.json``; on resume refuse a bank whose fingerprint differs from the recorded one, or soft
+    labels (``labels``: their fingerprint, or the interpreter's sha256 for online labels) that differ."""
     record_path = exp_dir / BANK_RECORD
     record = {"path": str(bank.path), "fingerprint": bank.fingerprint}
+    if labels:
+        record["labels"] = labels
     if resume and record_path.is_file():
         recorded = json.loads(record_path.read_text())
         if recorded["fingerprint"] != bank.fingerprint:
@@ -71,6 +74,12 @@ def record_bank(exp_dir: Path, bank: Any, *, resume: bool) -> None:
                 f"but {bank.path} has fingerprint {bank.fingerprint[:12]}: a different bank. Point distill.bank at "
                 "the original bank or start a new experiment (distill.exp=...)"
             )
+        if recorded.get("labels", "") != labels:
+            raise ValueError(
+                f"{exp_dir} was trained with soft labels {recorded.get('labels', '(none)')[:12]}, this run has "
+                f"{labels[:12] or '(none)'}: different labels (re-written by `dreamteacher interpret`, or "
+                "distill.loss.mix changed). Restore them or start a new experiment (distill.exp=...)"
+            )
         return
     atomic_write_text(record_path, json.dumps(record, indent=2))
 
@@ -78,6 +87,22 @@ def record_bank(exp_dir: Path, bank: Any, *, resume: bool) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # Construction
 # ------------------------------------------------------------------------------------------------------------
+def build_labels(bank: Any, dcfg: DistillConfig, device: torch.device) -> tuple[LabelFn, int, list[str], str]:
+    """Mix distillation's soft-label source: (label fn, classes, the teacher levels it reads, its identity).
+
+    ``targets=bank`` reads the bank's soft labels (complete, or a one-line error naming ``dreamteacher
+    interpret``); online / replay targets run the interpreter on the fresh features, checked against the sha256
+    the bank's soft labels record when it holds any (the labels a bank run of the same config would read)."""
+    if dcfg.targets == "bank":
+        spec = bank.require_labels()
+        return BankLabels(device), spec.num_classes, [], spec.fingerprint(bank.fingerprint)
+    recorded = bank.labels.interpreter.get("sha256", "") if bank.labels is not None else ""
+    labels = InterpreterLabels(dcfg.loss.interpreter, device, sha256=recorded)
+    from teachers.interpreter import file_sha256
+
+    return labels, labels.model.cfg.num_classes, labels.levels, file_sha256(dcfg.loss.interpreter)
+
+
 def build_schedule(
     optimizer: torch.optim.Optimizer, dcfg: DistillConfig, steps_per_epoch: int
 ) -> tuple[Any, int]:
@@ -154,13 +179,17 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         raise ValueError(
             f"{exp_dir} already holds a run; pass --resume to continue it or choose distill.exp=NEW"
         )
+    # mix distillation: the soft labels' source, its class count and the teacher levels the interpreter reads
+    labels, num_classes, label_levels, labels_id = (
+        build_labels(bank, dcfg, runtime.device) if dcfg.loss.mix else (None, 0, [], "")
+    )
     if runtime.is_main:
         exp_dir.mkdir(parents=True, exist_ok=True)
-        record_bank(exp_dir, bank, resume=resume)
+        record_bank(exp_dir, bank, resume=resume, labels=labels_id)
         save_resolved(inputs, exp_dir)
     runtime.barrier()
     if resume and runtime.distributed and not runtime.is_main:
-        record_bank(exp_dir, bank, resume=True)  # every rank refuses a different bank, not only rank 0
+        record_bank(exp_dir, bank, resume=True, labels=labels_id)  # every rank refuses a different bank
 
     # 2. data: this rank's share of every epoch; teacher targets (online / replay) read only pixels + noise info
     if dcfg.batch_size % (runtime.world_size * dcfg.accum_steps):
@@ -179,6 +208,7 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         flip=dcfg.flip,
         pin_memory=runtime.device.type == "cuda",
         levels=levels if dcfg.targets == "bank" else [],
+        labels=labels is not None and dcfg.targets == "bank",
     )
     if len(sampler) == 0:
         raise ValueError(
@@ -189,10 +219,14 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         BankTargets(runtime.device, levels, bank.projections)
         if dcfg.targets == "bank"
         else TeacherTargets(
-            bank, inputs.teachers, levels, runtime.device, fresh=dcfg.targets == "online", seed=dcfg.seed
+            bank,
+            inputs.teachers,
+            levels + [name for name in label_levels if name not in levels],  # + the interpreter's inputs
+            runtime.device,
+            fresh=dcfg.targets == "online",
+            seed=dcfg.seed,
         )
     )
-    label_logits = LabelLogits(dcfg.loss.label_logits, bank.num_rows) if dcfg.loss.label_logits else None
 
     # 3. model, optimizer, schedule
     student = build_student(dcfg.student.name, dcfg.student.weights)
@@ -202,7 +236,7 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         teacher_channels,
         channels=dcfg.regressor.channels,
         pool_scales=dcfg.regressor.pool_scales,
-        num_classes=label_logits.num_classes if label_logits else 0,
+        num_classes=num_classes,
     ).to(runtime.device)
     if runtime.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -222,7 +256,9 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         grad_clip=dcfg.optim.grad_clip,
         accum_steps=dcfg.accum_steps,
     )
-    trainer = Trainer(model, net, optimizer, scheduler, targets, settings, runtime, scaler=scaler)
+    trainer = Trainer(
+        model, net, optimizer, scheduler, targets, settings, runtime, scaler=scaler, labels=labels
+    )
 
     # 4. resume: model, optimizer, scheduler, scaler, sampler position, RNG, the metrics window
     epoch, batches_done = 0, 0
@@ -293,8 +329,6 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
             batch_iter = iter(loader)
             continue
         wait_s += time.perf_counter() - fetch_start
-        if label_logits is not None:
-            batch["label_logits"] = label_logits(batch["row"])
         targets.set_epoch(epoch)  # fresh online noise is a function of the visit
         trainer.train_step(batch)
         batches_done += 1

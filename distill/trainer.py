@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 TargetFn = Callable[[dict], dict[str, torch.Tensor]]
 """batch -> ``{level: (B, C, h, w) float32 on the device}`` (read from the bank, or computed online)."""
+LabelFn = Callable[[dict, dict[str, torch.Tensor]], torch.Tensor]
+"""(batch, its targets) -> the interpreter's soft-label logits ``(B, K, h, w)`` float32 on the device."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,13 +53,15 @@ class Trainer:
         *,
         scaler: torch.amp.GradScaler | None = None,
         step: int = 0,
+        labels: LabelFn | None = None,
     ) -> None:
         """``model`` is what runs forward (DDP / compiled wrapper); ``net`` the plain :class:`DistillNet`.
+        ``labels``: mix distillation's soft labels (the net then has a label head), None = feature only.
 
         ``runtime`` gives the device, the autocast (bf16/fp16 on CUDA, float32 on CPU) and channels_last.
         """
         self.model, self.net, self.optimizer, self.scheduler = model, net, optimizer, scheduler
-        self.targets, self.settings, self.runtime = targets, settings, runtime
+        self.targets, self.settings, self.runtime, self.labels = targets, settings, runtime, labels
         self.device = runtime.device
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler(self.device.type, enabled=False)
         self.step = step
@@ -105,13 +109,19 @@ class Trainer:
         terms = feature_losses(
             out, self._match_size(out, targets), whiten_axes=s.whiten, at_weight=s.at_weight
         )
-        if logits is not None:
-            interp_BKHW = batch["label_logits"].to(self.device, non_blocking=True).float()
+        # 5. mix distillation: L_mix = L_feat + lambda * L_ld, the student's logits at the soft labels' grid
+        if self.labels is not None:
+            if logits is None:
+                raise ValueError(
+                    "mix distillation needs the label head: build DistillNet with num_classes > 0"
+                )
+            interp_BKhw = self.labels(batch, targets)
             logits = F.interpolate(
-                logits.float(), size=interp_BKHW.shape[-2:], mode="bilinear", align_corners=False
+                logits.float(), size=interp_BKhw.shape[-2:], mode="bilinear", align_corners=False
             )
-            terms["label"] = label_distillation(logits, interp_BKHW, s.label_temperature)
-            terms["loss"] = terms["loss"] + s.label_weight * terms["label"]
+            terms["feat"] = terms["loss"]
+            terms["label"] = label_distillation(logits, interp_BKhw, s.label_temperature)
+            terms["loss"] = terms["feat"] + s.label_weight * terms["label"]
         return terms
 
     def train_step(self, batch: dict) -> None:
@@ -127,7 +137,7 @@ class Trainer:
             self._losses,
             backward=lambda loss: self.scaler.scale(loss).backward(),
         )
-        # 5. clip, update, schedule. No host sync: the terms stay on the device until flush() (the finite check
+        # 6. clip, update, schedule. No host sync: the terms stay on the device until flush() (the finite check
         #    runs there, at most log_every steps late and always before a checkpoint).
         values: dict[str, torch.Tensor | float] = dict(terms)
         self.scaler.unscale_(self.optimizer)

@@ -397,8 +397,8 @@ def _adm_tiny_teacher() -> TeacherConfig:
 
 def test_fresh_online_targets_draw_new_noise_per_visit_reproducibly(tmp_path: Path) -> None:
     from bank import Bank, BankTrainSet, decode_targets
-    from distill.targets import TeacherTargets, fresh_seed
-    from teachers.encoding import make_noise
+    from distill.targets import TeacherTargets
+    from teachers.encoding import fresh_seed, make_noise
 
     teacher_cfg = _adm_tiny_teacher()
     path = write_teacher_bank(tmp_path / "adm.zarr", teacher_cfg)
@@ -483,37 +483,6 @@ def test_non_finite_loss_names_step_and_terms() -> None:
     # the flush (at the next log boundary or checkpoint) names the first bad step and all its terms
     with pytest.raises(NonFiniteLossError, match=r"step 7 .*'mse/s8'.*at/s16="):
         trainer.flush()
-
-
-def test_label_distillation_from_a_logits_file(bank_path: Path, tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
-    logits = torch.randn(NUM_IMAGES * DRAWS * FLIPS, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    save_file({"logits": logits}, str(tmp_path / "logits.safetensors"))
-    cfg = make_cfg(
-        bank_path,
-        tmp_path,
-        "distill.exp=mix",
-        "distill.max_steps=2",
-        f"distill.loss.label_logits={tmp_path / 'logits.safetensors'}",
-    )
-    exp = run_distill(cfg, progress=False)
-    record = read_metrics(exp / "metrics.jsonl")[-1]
-    assert record["label"] > 0 and record["loss"] == pytest.approx(
-        record["mse"] + 10 * record["at"] + record["label"], rel=1e-5
-    )
-    assert "label_head.weight" in load_file(str(exp / "regressor.safetensors"))
-    save_file({"logits": logits[:5]}, str(tmp_path / "short.safetensors"))
-    with pytest.raises(ValueError, match="expected \\(bank rows = 64"):
-        run_distill(
-            make_cfg(
-                bank_path,
-                tmp_path,
-                "distill.exp=short",
-                f"distill.loss.label_logits={tmp_path / 'short.safetensors'}",
-            ),
-            progress=False,
-        )
 
 
 def test_convnext_export_loads_into_timm(tmp_path: Path) -> None:
