@@ -4,11 +4,15 @@ Steps (each stage is called in-process through its public function, with a modif
 
 1. data      generate the demo scenes (unlabeled pool, few-label split, COCO split) on first use;
 2. encode    the shipped demo teacher encodes the unlabeled images into a feature bank;
-3. distill   a small student (+ FPN/PPM regressor) learns to reproduce the teacher's features from the bank;
-4. finetune  few-label semantic segmentation and COCO-style instance segmentation, each from the distilled
-             backbone AND from random init with the same budget, over ``demo.seeds``;
-5. probe     teacher diagnostic: linear-probe mIoU of teacher vs random-teacher vs pixel features;
-6. report    results table (mean +- std over seeds), ``<out>/report.md`` with PNGs, ``<out>/results.json``.
+3. interpret the feature interpreter learns the few-label train split from the teacher's features (its own test
+             mIoU is reported) and writes its soft labels for every bank row into the bank;
+4. distill   a small student (+ FPN/PPM regressor) learns to reproduce the teacher's features from the bank, and
+             a second one the features and the soft labels together (mix distillation);
+5. finetune  few-label semantic segmentation and COCO-style instance segmentation, each from the distilled
+             backbone AND from random init with the same budget, over ``demo.seeds`` (few-label also from the
+             mix-distilled backbone);
+6. probe     teacher diagnostic: linear-probe mIoU of teacher vs random-teacher vs pixel features;
+7. report    results table (mean +- std over seeds), ``<out>/report.md`` with PNGs, ``<out>/results.json``.
 
 Re-running reuses what is finished (the bank, the distilled student, finished fine-tuning runs).
 """
@@ -22,6 +26,7 @@ import multiprocessing
 import os
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,11 @@ from dreamteacher.schema import DemoConfig, DemoSizeConfig, PipelineConfig
 from sources.datasets import ensure_available
 
 DEMO_DATASETS = ("demo", "demo-fewshot", "demo-coco")
-INITS = ("distilled", "random")
+INITS = ("distilled", "mix", "random")
+"""Backbone inits: feature-distilled, mix-distilled (features + soft labels; few-label task only), random."""
+INIT_LABELS = {"distilled": "distilled", "mix": "mix-distilled", "random": "random init"}
+MIX_TASKS = ("fewshot",)
+"""Tasks fine-tuned from the mix-distilled backbone too (the results table's mix column)."""
 # task -> (dataset, headline metrics of the results table: (metric key, label))
 TASKS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     "fewshot": ("demo-fewshot", (("mIoU", "few-label seg mIoU"),)),
@@ -54,11 +63,18 @@ class DemoPlan:
 
     out: Path
     encode: PipelineConfig
+    interpret: PipelineConfig
     distill: PipelineConfig
+    mix_distill: PipelineConfig
     finetune: dict[tuple[str, str, int], PipelineConfig]
     """(task, init, seed) -> config."""
-    backbone: Path
-    """The distilled backbone the ``distilled`` runs start from."""
+    backbones: dict[str, Path]
+    """init -> the distilled backbone its runs start from (``distilled``, ``mix``)."""
+
+    @property
+    def backbone(self) -> Path:
+        """The feature-distilled backbone."""
+        return self.backbones["distilled"]
 
 
 def plan_demo(cfg: PipelineConfig, size: str) -> DemoPlan:
@@ -70,9 +86,15 @@ def plan_demo(cfg: PipelineConfig, size: str) -> DemoPlan:
     enc = derive(
         cfg, [*recipe.encode, "encode.data=demo", f"encode.teacher={cfg.demo.teacher}", f"encode.bank={bank}"]
     )
-    dist = derive(enc, [*recipe.distill, f"distill.bank={bank}", f"distill.out={out / 'distill'}",
-                        f"distill.exp=student-{size}"])  # fmt: skip
-    backbone = out / "distill" / f"student-{size}" / "backbone.safetensors"
+    interp = derive(enc, [*recipe.interpret, "interpret.data=demo-fewshot", f"interpret.bank={bank}",
+                          f"interpret.out={out / 'interpret'}", f"interpret.exp=interpreter-{size}"])  # fmt: skip
+    dist = derive(interp, [*recipe.distill, f"distill.bank={bank}", f"distill.out={out / 'distill'}",
+                           f"distill.exp=student-{size}"])  # fmt: skip
+    mix = derive(dist, [*recipe.mix, "distill.loss.mix=true", f"distill.exp=student-{size}-mix"])
+    backbones = {
+        init: out / "distill" / cfg.distill.exp / "backbone.safetensors"
+        for init, cfg in (("distilled", dist), ("mix", mix))
+    }
     seeds = cfg.demo.seeds[: recipe.num_seeds] if recipe.num_seeds else cfg.demo.seeds
     if not seeds:
         raise ValueError("demo.seeds is empty; the demo needs at least one fine-tuning seed")
@@ -80,10 +102,12 @@ def plan_demo(cfg: PipelineConfig, size: str) -> DemoPlan:
     for task, (data, _) in TASKS.items():
         task_overrides = recipe.fewshot if task == "fewshot" else recipe.coco
         for init in INITS:
+            if init == "mix" and task not in MIX_TASKS:
+                continue
             for seed in seeds:
                 finetune[(task, init, seed)] = derive(enc, [
                     *task_overrides, f"finetune.task={task}", f"finetune.data={data}",
-                    f"finetune.ckpt={backbone if init == 'distilled' else ''}", f"finetune.seed={seed}",
+                    f"finetune.ckpt={backbones.get(init, '')}", f"finetune.seed={seed}",
                     f"finetune.out={out / 'finetune'}", f"finetune.exp={size}-{task}-{init}-seed{seed}",
                 ])  # fmt: skip
     students = {c.finetune.backbone for c in finetune.values()}
@@ -92,7 +116,8 @@ def plan_demo(cfg: PipelineConfig, size: str) -> DemoPlan:
             f"the demo fine-tunes backbones {sorted(students)} but distills {dist.distill.student.name!r}; "
             f"set finetune.backbone and distill.student.name to the same timm model in demo.sizes.{size}"
         )
-    return DemoPlan(out=out, encode=enc, distill=dist, finetune=finetune, backbone=backbone)
+    return DemoPlan(out=out, encode=enc, interpret=interp, distill=dist, mix_distill=mix, finetune=finetune,
+                    backbones=backbones)  # fmt: skip
 
 
 def _finished(folder: Path) -> dict[str, Any] | None:
@@ -107,10 +132,12 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
 
 
 def summarise(runs: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
-    """Results table rows: per task metric and init, mean and std over seeds; and the paired difference.
+    """Results table rows: per task metric and init, mean and std over seeds; and the paired differences.
 
-    A seed fixes the head's initialisation and the data order for both inits, so distilled - random per seed
-    is the paired effect of distillation; its std over seeds is the spread of that effect.
+    A seed fixes the head's initialisation and the data order for every init, so distilled - random per seed
+    is the paired effect of distillation (``delta``), mix - random that of mix distillation (``delta_mix``),
+    mix - distilled what the soft labels add (``delta_mix_vs_distilled``); each std is over seeds. An init a
+    task was not fine-tuned from is None.
     """
     rows = []
     for task, (_, metrics) in TASKS.items():
@@ -121,25 +148,47 @@ def summarise(runs: dict[tuple[str, str, int], dict[str, Any]]) -> list[dict[str
                 for init in INITS
             }
             for init in INITS:
-                row[init] = _mean_std([v for _, v in sorted(per_seed[init].items())])
-            paired = sorted(per_seed["distilled"].keys() & per_seed["random"].keys())
-            diffs = _mean_std([per_seed["distilled"][s] - per_seed["random"][s] for s in paired])
-            row["delta"], row["delta_std"] = diffs["mean"], diffs["std"]
+                values = [v for _, v in sorted(per_seed[init].items())]
+                row[init] = _mean_std(values) if values else None
+            for name, (a, b) in {"delta": ("distilled", "random"), "delta_mix": ("mix", "random"),
+                                 "delta_mix_vs_distilled": ("mix", "distilled")}.items():  # fmt: skip
+                paired = sorted(per_seed[a].keys() & per_seed[b].keys())
+                diffs = _mean_std([per_seed[a][s] - per_seed[b][s] for s in paired]) if paired else None
+                row[name] = diffs["mean"] if diffs else None
+                row[f"{name}_std"] = diffs["std"] if diffs else None
             rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]], seeds: int) -> str:
-    head = f"{'metric':<26} {'distilled':>16} {'random init':>16} {'paired delta':>16}"
-    lines = [f"Results over {seeds} seed(s) (mean +- std; delta = distilled - random, per seed):", head,
-             "-" * len(head)]  # fmt: skip
+    cols = [INIT_LABELS[init] for init in INITS]
+    deltas = ("delta distilled", "delta mix", "mix - distilled")
+    head = f"{'metric':<26}" + "".join(f" {c:>16}" for c in (*cols, *deltas))
+    lines = [f"Results over {seeds} seed(s) (mean +- std; delta = init - random init, paired by seed; "
+             "mix - distilled: what the soft labels add):", head, "-" * len(head)]  # fmt: skip
+
+    def cell(mean: float | None, std: float | None, sign: str = "") -> str:
+        return f" {'n/a':>16}" if mean is None else f" {mean:>{sign}7.2f} +- {std:<5.2f}"
+
     for r in rows:
-        d, n = r["distilled"], r["random"]
-        lines.append(
-            f"{r['label']:<26} {d['mean']:>8.2f} +- {d['std']:<5.2f} {n['mean']:>8.2f} +- {n['std']:<5.2f} "
-            f"{r['delta']:>+8.2f} +- {r['delta_std']:.2f}"
+        inits = "".join(cell(*((r[i]["mean"], r[i]["std"]) if r[i] else (None, None))) for i in INITS)
+        paired = "".join(
+            cell(r[d], r[f"{d}_std"], "+") for d in ("delta", "delta_mix", "delta_mix_vs_distilled")
         )
+        lines.append(f"{r['label']:<26}{inits}{paired}".rstrip())
     return "\n".join(lines)
+
+
+def _distill_one(cfg: PipelineConfig, threads: int, progress: bool = False) -> None:
+    """One distill run (resumed when it left a checkpoint); also the entry point of a pool process."""
+    import torch
+
+    from distill.train import run_distill
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    folder = Path(cfg.distill.out) / cfg.distill.exp
+    run_distill(resolve(cfg, "distill"), resume=(folder / "checkpoint.pt").is_file(), progress=progress)
 
 
 def _finetune_one(cfg: PipelineConfig, threads: int, progress: bool = False) -> dict[str, Any]:
@@ -154,6 +203,39 @@ def _finetune_one(cfg: PipelineConfig, threads: int, progress: bool = False) -> 
     return run_finetune(
         resolve(cfg, "finetune"), resume=(folder / "checkpoint.pt").is_file(), progress=progress
     )
+
+
+def side_by_side(
+    run_one: Callable[..., Any],
+    cfgs: dict[Any, PipelineConfig],
+    demo: DemoConfig,
+    device: str,
+    *,
+    desc: str,
+    progress: bool = True,
+) -> dict[Any, Any]:
+    """``run_one(cfg, threads)`` for every config, :func:`parallel_runs` at once; ``{key: result}``."""
+    if not cfgs:
+        return {}
+    workers, threads = parallel_runs(demo, device, len(cfgs))
+    bar = tqdm(total=len(cfgs), desc=desc, unit="run", disable=not progress)
+    bar.set_postfix_str(f"{workers} at once x {threads or 'default'} thread(s)")
+    results = {}
+    if workers == 1:
+        for key, cfg in cfgs.items():
+            results[key] = run_one(cfg, threads, progress)
+            bar.update()
+    else:
+        # Fresh interpreters (spawn): forking a process that already runs torch's thread pools is unsafe.
+        # The runs' own step bars are off here (several would overwrite each other); this bar counts runs.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        with pool:
+            futures = {pool.submit(run_one, cfg, threads): key for key, cfg in cfgs.items()}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    return results
 
 
 def parallel_runs(demo: DemoConfig, device: str, pending: int) -> tuple[int, int]:
@@ -185,27 +267,11 @@ def finetune_all(
             pending[key] = ft_cfg
         else:
             runs[key] = metrics
-    if not pending:
-        return runs
-    device = next(iter(pending.values())).finetune.device
-    workers, threads = parallel_runs(demo, device, len(pending))
-    bar = tqdm(total=len(plan.finetune), initial=len(runs), desc="demo 4/4: fine-tune", unit="run",
-               disable=not progress)  # fmt: skip
-    bar.set_postfix_str(f"{workers} at once x {threads or 'default'} thread(s)")
-    if workers == 1:
-        for key, ft_cfg in pending.items():
-            runs[key] = _finetune_one(ft_cfg, threads, progress)
-            bar.update()
-    else:
-        # Fresh interpreters (spawn): forking a process that already runs torch's thread pools is unsafe.
-        # The runs' own step bars are off here (several would overwrite each other); this bar counts runs.
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        with pool:
-            futures = {pool.submit(_finetune_one, ft_cfg, threads): key for key, ft_cfg in pending.items()}
-            for future in as_completed(futures):
-                runs[futures[future]] = future.result()
-                bar.update()
-    bar.close()
+    if pending:
+        device = next(iter(pending.values())).finetune.device
+        runs |= side_by_side(
+            _finetune_one, pending, demo, device, desc="demo 5/5: fine-tune", progress=progress
+        )
     return {key: runs[key] for key in plan.finetune}
 
 
@@ -213,10 +279,10 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
     """Run the demo end to end; returns the results (also written to ``<demo.out>/results.json``)."""
     import torch
 
-    from distill.train import run_distill
     from dreamteacher.probe import run_probe
     from dreamteacher.report import ReportInputs, write_report
     from encode.pipeline import run_encode
+    from interpret.run import run_interpret
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -236,44 +302,56 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
 
     # 1. Data (generated on first use).
     tick = time.perf_counter()
-    for name in tqdm(DEMO_DATASETS, desc="demo 1/4: data", disable=not progress):
-        ensure_available(name, plan.encode.dataset(name))
+    for name in tqdm(DEMO_DATASETS, desc="demo 1/5: data", disable=not progress):
+        ensure_available(name, plan.encode.dataset(name), progress=progress)
     timings["data"] = time.perf_counter() - tick
 
     # 2. Encode the unlabeled images with the teacher into the bank (resumes / no-op when done).
     tick = time.perf_counter()
-    click.echo("demo 2/4: encode (teacher -> feature bank)")
+    click.echo("demo 2/5: encode (teacher -> feature bank)")
     encode_inputs = resolve(plan.encode, "encode")
     encode_summary = run_encode(encode_inputs, use_dask=cfg.demo.use_dask, progress=progress)
     timings["encode"] = time.perf_counter() - tick
 
-    # 3. Distill the student from the bank (reused when its backbone was already exported).
+    # 3. The feature interpreter: trained on the few-label train split (re-used when done), its soft labels
+    #    written into the bank (resumes).
     tick = time.perf_counter()
-    click.echo("demo 3/4: distill (bank -> student)")
+    click.echo("demo 3/5: interpret (few labels -> interpreter -> soft labels in the bank)")
+    interpreter = run_interpret(resolve(plan.interpret, "interpret"), progress=progress)
+    timings["interpret"] = time.perf_counter() - tick
+
+    # 4. Distill the students from the bank: features only, and features + soft labels (mix), side by side like
+    #    the fine-tuning runs; each is reused when its backbone was already exported.
+    tick = time.perf_counter()
+    click.echo("demo 4/5: distill (bank -> student; bank + soft labels -> mix-distilled student)")
+    pending = {
+        init: stage_cfg
+        for init, stage_cfg in (("distilled", plan.distill), ("mix", plan.mix_distill))
+        if not plan.backbones[init].is_file()
+    }
+    side_by_side(_distill_one, pending, cfg.demo, plan.distill.distill.device, desc="demo 4/5: distill",
+                 progress=progress)  # fmt: skip
     exp_dir = plan.backbone.parent
-    if not plan.backbone.is_file():
-        resume = (exp_dir / "checkpoint.pt").is_file()
-        exp_dir = run_distill(resolve(plan.distill, "distill"), resume=resume, progress=progress)
     timings["distill"] = time.perf_counter() - tick
 
-    # 4. Fine-tune both inits over the seeds (finished runs are reused; several at once on a multi-core CPU).
+    # 5. Fine-tune every init over the seeds (finished runs are reused; several at once on a multi-core CPU).
     tick = time.perf_counter()
     runs = finetune_all(plan, cfg.demo, progress=progress)
     timings["finetune"] = time.perf_counter() - tick
 
-    # 5. Teacher diagnostic: linear probes of teacher / random-teacher / pixel features on the few-label split.
+    # 6. Teacher diagnostic: linear probes of teacher / random-teacher / pixel features on the few-label split.
     tick = time.perf_counter()
     fewshot = TASKS["fewshot"][0]
     probe = run_probe(encode_inputs, fewshot, plan.encode.dataset(fewshot))
     timings["probe"] = time.perf_counter() - tick
 
-    # 6. Table, results file, report.
+    # 7. Table, results file, report.
     rows = summarise(runs)
     seeds = len({seed for _, _, seed in runs})
     table = format_table(rows, seeds)
     for row in rows:
         for init in INITS:
-            if not all(math.isfinite(v) for v in row[init]["values"]):
+            if row[init] is not None and not all(math.isfinite(v) for v in row[init]["values"]):
                 raise FloatingPointError(
                     f"demo: non-finite {row['metric']} for {init} init: {row[init]['values']}"
                 )
@@ -284,6 +362,7 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
         "table": rows,
         "runs": [{"task": t, "init": i, "seed": s, "metrics": m} for (t, i, s), m in sorted(runs.items())],
         "teacher_probe_mIoU": probe,
+        "interpreter": {k: interpreter[k] for k in ("mIoU", "mAcc", "sha256", "train_images", "test_images")},
         "encode": {k: v for k, v in encode_summary.as_dict().items() if k != "rejects"},
         "timings_s": timings,
     }

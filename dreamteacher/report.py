@@ -36,7 +36,8 @@ SCORE_THRESHOLD = 0.5
 """Detections drawn in the COCO figure (and counted in its caption)."""
 UPSCALE = 4
 """The demo's 64 px images are drawn 4x (nearest) so box labels are legible."""
-INITS = ("distilled", "random")
+INITS = ("distilled", "mix", "random")
+INIT_COLOURS = {"distilled": "tab:blue", "mix": "tab:green", "random": "tab:orange"}
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,8 @@ VAL_METRICS = {"fewshot": ("val/mIoU",), "coco": ("val/segm_AP", "val/bbox_AP")}
 
 def loss_figure(path: Path, distill_dir: Path, finetune_dirs: dict[tuple[str, str, int], Path]) -> Path:
     """Top: distillation losses, fine-tuning training loss per run. Bottom: distillation per-level mse, and the
-    fine-tuning runs' validation metrics at each evaluation (blue = distilled init, orange = random)."""
+    fine-tuning runs' validation metrics at each evaluation (blue = distilled init, green = mix-distilled,
+    orange = random)."""
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     records = distill_dir / "metrics.jsonl"
     for key in ("loss", "mse", "at"):
@@ -308,7 +310,7 @@ def loss_figure(path: Path, distill_dir: Path, finetune_dirs: dict[tuple[str, st
         for (t, init, seed), folder in sorted(finetune_dirs.items()):
             if t != task:
                 continue
-            colour = "tab:blue" if init == "distilled" else "tab:orange"
+            colour = INIT_COLOURS[init]
             points = series(folder / "metrics.jsonl", "train/loss")
             if points:
                 axes[0, col].plot(*zip(*points, strict=True), ".-", color=colour, alpha=0.7,
@@ -410,6 +412,21 @@ def with_legend(source: Path, path: Path, title: str) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # report.md
 # ---------------------------------------------------------------------------------------------------------------
+def interpreter_lines(interpreter: dict[str, Any] | None) -> list[str]:
+    """The feature interpreter's own score (the ddpm-segmentation-style baseline the mix column builds on)."""
+    if not interpreter:
+        return []
+    return [
+        "## Feature interpreter (label distillation's teacher)",
+        "",
+        f"Trained on the teacher features of {interpreter['train_images']} labelled images (fresh noise per epoch), "
+        f"scored on {interpreter['test_images']} test images: **mIoU {interpreter['mIoU']:.2f}** "
+        f"(mAcc {interpreter['mAcc']:.2f}); interpreter sha256 {interpreter['sha256'][:12]}. Its logits for every "
+        "bank row are the soft labels the mix-distilled student learned with the features (docs/interpreter.md).",
+        "",
+    ]
+
+
 def write_report(inputs: ReportInputs, results: dict[str, Any], table: str) -> Path:
     """``<out>/report.md`` plus the PNGs it shows (in ``<out>/report/``)."""
     out = inputs.out
@@ -457,7 +474,8 @@ def write_report(inputs: ReportInputs, results: dict[str, Any], table: str) -> P
         "```",
         "",
         f"Wall time: {t['total']:.0f} s (data {t['data']:.0f} s, encode {t['encode']:.0f} s, "
-        f"distill {t['distill']:.0f} s, fine-tune {t['finetune']:.0f} s). Bank: {enc['bank_path']}.",
+        f"interpret {t.get('interpret', 0):.0f} s, distill {t['distill']:.0f} s (both students), "
+        f"fine-tune {t['finetune']:.0f} s). Bank: {enc['bank_path']}.",
         "",
         "Per run (task, init, seed): " + "; ".join(
             f"{r['task']}/{r['init']}/{r['seed']}: "
@@ -465,6 +483,7 @@ def write_report(inputs: ReportInputs, results: dict[str, Any], table: str) -> P
             for r in results["runs"]
         ),
         "",
+        *interpreter_lines(results.get("interpreter")),
         "## Teacher diagnostic: per-pixel linear probe on the few-label split (test mIoU %, stride-4 grid)",
         "",
         "| features | mIoU |",

@@ -74,11 +74,12 @@ class DemoConfig:
     use_dask: bool = False
     """Encode through a local dask cluster (as real runs do); off by default: on one CPU it only adds start-up."""
     cpu_threads: int = 0
-    """torch intra-op threads on CPU (0 = torch's default for encode and distill, cores / parallel_runs for each
-    fine-tuning run). 1 is faster on a CPU shared with other jobs: two processes with two spinning threads each on
+    """torch intra-op threads on CPU (0 = torch's default for encode and interpret, cores / parallel_runs for each
+    distill and fine-tuning run). 1 is faster on a CPU shared with other jobs: two processes with two spinning threads each on
     two cores slow each other down several-fold."""
     parallel_runs: int = 0
-    """Fine-tuning runs at once, each in its own process (0 = one per CPU core on CPU, one at a time on CUDA)."""
+    """Distill and fine-tuning runs at once, each in its own process (0 = one per CPU core on CPU, one at a time
+    on CUDA)."""
     sizes: dict[str, DemoSizeConfig] = field(default_factory=load_demo_sizes)
     """Per-size recipes; default: the files in ``configs/demo/`` (one per size)."""
 

@@ -33,18 +33,19 @@ class DatasetConfig:
     """Use only the first N images in the deterministic order (0 = all); handy for smoke runs."""
 
 
-def _demo_scenes(root: Path, layout: str) -> None:
+def _demo_scenes(root: Path, layout: str, progress: bool) -> None:
     from sources.demo_scenes import generate  # numpy / PIL / pycocotools: only when data is generated
 
-    generate(root, layout)
+    generate(root, layout, progress=progress)
 
 
-# Built-in generators: name -> function(root, layout) writing the dataset in that layout, deterministically.
-GENERATORS: dict[str, Callable[[Path, str], None]] = {"demo-scenes": _demo_scenes}
+# Built-in generators: name -> function(root, layout, progress) writing the dataset in that layout, deterministically.
+GENERATORS: dict[str, Callable[[Path, str, bool], None]] = {"demo-scenes": _demo_scenes}
 
 
-def ensure_available(name: str, dataset: DatasetConfig) -> Path:
-    """Resolve the dataset's root (env vars), generating built-in data on first use; clear error if absent."""
+def ensure_available(name: str, dataset: DatasetConfig, *, progress: bool = True) -> Path:
+    """Resolve the dataset's root (env vars), generating built-in data on first use (``progress``: its bars);
+    clear error if absent."""
     root = Path(require_resolved(dataset.root, f"datasets.{name}.root"))
     if not root.exists() and dataset.generator:
         if dataset.generator not in GENERATORS:
@@ -52,7 +53,7 @@ def ensure_available(name: str, dataset: DatasetConfig) -> Path:
                 f"datasets.{name}.generator: unknown generator {dataset.generator!r}; "
                 f"choices: {', '.join(sorted(GENERATORS))}"
             )
-        GENERATORS[dataset.generator](root, dataset.layout)
+        GENERATORS[dataset.generator](root, dataset.layout, progress)
     if not root.exists():
         raise ConfigError(
             f"dataset {name!r}: {root} does not exist. Set datasets.{name}.root in pipeline.yaml (or the "

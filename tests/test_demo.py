@@ -41,8 +41,8 @@ def test_debug_demo_end_to_end(tmp_path: Path, small_data: None) -> None:
                  "report/losses.png", "distill/student-debug/backbone.safetensors",
                  "distill/student-debug/regressor.safetensors"):  # fmt: skip
         assert (out / name).is_file(), name
-    for task in ("fewshot", "coco"):
-        for init in ("distilled", "random"):
+    for task, inits in (("fewshot", ("distilled", "mix", "random")), ("coco", ("distilled", "random"))):
+        for init in inits:
             run = out / "finetune" / f"debug-{task}-{init}-seed0"
             assert (run / "results.json").is_file() and (run / "predictions.png").is_file()
             assert (out / "report" / f"predictions_{task}_{init}.png").is_file()
@@ -58,14 +58,31 @@ def test_debug_demo_end_to_end(tmp_path: Path, small_data: None) -> None:
     for row in results["table"]:
         for init in ("distilled", "random"):
             assert len(row[init]["values"]) == 1 and all(math.isfinite(v) for v in row[init]["values"])
+    # the mix column: the few-label task only (the paper's semi-supervised setting), its paired deltas with it
+    fewshot, coco = results["table"][0], results["table"][1]
+    assert len(fewshot["mix"]["values"]) == 1 and math.isfinite(fewshot["delta_mix"])
+    assert coco["mix"] is None and coco["delta_mix"] is None
+    # the interpreter was trained, scored, and its soft labels are in the bank, complete
+    interpreter = results["interpreter"]
+    assert 0.0 <= interpreter["mIoU"] <= 100.0 and len(interpreter["sha256"]) == 64
+    assert "interpreter" in report and "mix-distilled" in report
+    from bank import Bank
+
+    labels = Bank.open(out / "bank-debug.zarr").labels
+    assert labels is not None and labels.interpreter["sha256"] == interpreter["sha256"]
+    # the mix student logged both terms of L_mix
+    logged = [json.loads(line) for line in (out / "distill" / "student-debug-mix" / "metrics.jsonl").open()]
+    assert any("label" in r and "feat" in r for r in logged)
     assert json.loads((out / "results.json").read_text())["size"] == "debug"
     probe = results["teacher_probe_mIoU"]
     assert set(probe) == {"teacher", "random teacher", "pixels", "pixels 4x4 patch"}
     assert all(0.0 <= v <= 100.0 for v in probe.values())
     # The distilled runs really started from the distilled backbone, the random ones from nothing.
     ckpts = {json.loads((out / "finetune" / f"debug-fewshot-{i}-seed0" / "results.json").read_text())["ckpt"]
-             for i in ("distilled", "random")}  # fmt: skip
-    assert ckpts == {str(out / "distill" / "student-debug" / "backbone.safetensors"), ""}
+             for i in ("distilled", "mix", "random")}  # fmt: skip
+    assert ckpts == {
+        str(out / "distill" / f"student-debug{s}" / "backbone.safetensors") for s in ("", "-mix")
+    } | {""}
 
     # A second run reuses everything that is finished.
     again = run_demo(cfg, "debug", progress=False)
@@ -76,7 +93,9 @@ def test_debug_demo_end_to_end(tmp_path: Path, small_data: None) -> None:
 def test_plan_validates_every_stage_before_running(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     plan = plan_demo(cfg, "full")
-    assert len(plan.finetune) == 2 * 2 * len(cfg.demo.seeds)
+    # fewshot x (distilled, mix, random) + coco x (distilled, random), per seed
+    assert len(plan.finetune) == (3 + 2) * len(cfg.demo.seeds)
+    assert plan.mix_distill.distill.loss.mix and not plan.distill.distill.loss.mix
     assert plan.encode.encode.bank == plan.distill.distill.bank
     with pytest.raises(ValueError, match="choices: debug, full"):
         plan_demo(cfg, "huge")
