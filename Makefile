@@ -33,7 +33,7 @@ TORCHRUN_ARGS = $(if $(filter 1,$(NNODES)),--standalone --nproc_per_node=$(GPUS)
 opt = $(if $(2),$(1)=$(2))
 
 .PHONY: venv demo test test-all lint format teacher encode interpret distill finetune bank-info bank-verify \
-        bench-encode bench-bank bench-distill study gpu-wheels gpu-check clean
+        bench-encode bench-bank bench-distill study study-mix gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -108,6 +108,11 @@ bench-distill: $(STAMP)
 # The cache-cost study (docs/cache-cost.md): about an hour on 2 CPU cores; ARGS=--quick for the ~10-minute grid.
 study: $(STAMP)
 	$(PY) benchmarks/study_cache_cost.py $(ARGS)
+
+# Mix vs feature distillation over distill seeds (benchmarks/study_mix.py): about 16 min on 2 CPU cores after
+# `make demo`, whose bank, interpreter and seed-0 runs it reuses.
+study-mix: $(STAMP)
+	$(PY) benchmarks/study_mix.py $(ARGS)
 
 # GPU hot paths on one CUDA GPU (benchmarks/gpu_check.py): one markdown table in < 8 min; without a GPU it says so
 # and exits 0 (not part of `make test`). The GPU machine's own Python (GPU_PYTHON; it has torch, torchvision, timm,

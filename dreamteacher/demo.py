@@ -179,7 +179,7 @@ def format_table(rows: list[dict[str, Any]], seeds: int) -> str:
     return "\n".join(lines)
 
 
-def _distill_one(cfg: PipelineConfig, threads: int, progress: bool = False) -> None:
+def distill_job(cfg: PipelineConfig, threads: int, progress: bool = False) -> None:
     """One distill run (resumed when it left a checkpoint); also the entry point of a pool process."""
     import torch
 
@@ -191,7 +191,7 @@ def _distill_one(cfg: PipelineConfig, threads: int, progress: bool = False) -> N
     run_distill(resolve(cfg, "distill"), resume=(folder / "checkpoint.pt").is_file(), progress=progress)
 
 
-def _finetune_one(cfg: PipelineConfig, threads: int, progress: bool = False) -> dict[str, Any]:
+def finetune_job(cfg: PipelineConfig, threads: int, progress: bool = False) -> dict[str, Any]:
     """One fine-tuning run (resumed when it left a checkpoint); also the entry point of a pool process."""
     import torch
 
@@ -270,7 +270,7 @@ def finetune_all(
     if pending:
         device = next(iter(pending.values())).finetune.device
         runs |= side_by_side(
-            _finetune_one, pending, demo, device, desc="demo 5/5: fine-tune", progress=progress
+            finetune_job, pending, demo, device, desc="demo 5/5: fine-tune", progress=progress
         )
     return {key: runs[key] for key in plan.finetune}
 
@@ -329,7 +329,7 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
         for init, stage_cfg in (("distilled", plan.distill), ("mix", plan.mix_distill))
         if not plan.backbones[init].is_file()
     }
-    side_by_side(_distill_one, pending, cfg.demo, plan.distill.distill.device, desc="demo 4/5: distill",
+    side_by_side(distill_job, pending, cfg.demo, plan.distill.distill.device, desc="demo 4/5: distill",
                  progress=progress)  # fmt: skip
     exp_dir = plan.backbone.parent
     timings["distill"] = time.perf_counter() - tick
