@@ -22,6 +22,7 @@ import torch
 import torch.utils.data
 
 from bank.codecs import CODECS, Codec
+from bank.layout import split_views
 from bank.projection import Projection
 from bank.reader import Bank, BankFormatWarning
 from bank.sampler import EpochSampler
@@ -75,7 +76,7 @@ class BankTrainSet(torch.utils.data.Dataset):
         A view is a bank row, or for a mirrored bank ``2 * row + flip`` (``EpochSampler`` yields these); its
         ``flip`` is the view's, its ``row`` the stored row."""
         index = np.asarray(views, dtype=np.int64)
-        rows, mirror = (index // 2, index % 2 == 1) if self.spec.mirror else (index, None)
+        rows, mirror = split_views(self.spec, index)
         batch = self.bank.read_rows(rows, self.levels, mirror=mirror, labels=self.labels)
         if mirror is not None:
             batch["flip"] = mirror.astype(np.int64)

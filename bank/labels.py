@@ -153,9 +153,9 @@ def read_label_marker(
 class LabelsWriter:
     """Writes a bank's soft labels shard by shard (:meth:`open` creates or resumes them)."""
 
-    def __init__(self, path: Path, spec: LabelsSpec) -> None:
+    def __init__(self, path: Path, spec: LabelsSpec, meta: dict[str, Any]) -> None:
+        """``meta``: the bank's ``dreamteacher_bank`` attribute (:func:`bank.layout.read_bank_attrs`)."""
         self.path, self.spec = Path(path), spec
-        meta = read_bank_attrs(self.path)
         self.bank_spec = BankSpec.from_dict(meta["spec"])
         self.bank_fingerprint: str = meta["fingerprint"]
         self.bank_id: str | None = meta.get("bank_id")
@@ -184,17 +184,17 @@ class LabelsWriter:
                 f"{path} is a format v1 bank; soft labels need format v2 or later (per-chunk checksums and the "
                 "side folder): re-encode it with `dreamteacher encode --overwrite`"
             )
-        bank_spec = BankSpec.from_dict(meta["spec"])
-        expected = (bank_spec.image_size // spec.stride, bank_spec.image_size // spec.stride)
-        if bank_spec.image_size % spec.stride or (spec.height, spec.width) != expected:
+        writer = cls(path, spec, meta)
+        size = writer.bank_spec.image_size
+        expected = (size // spec.stride, size // spec.stride)
+        if size % spec.stride or (spec.height, spec.width) != expected:
             raise BankError(
                 f"soft labels of {spec.height}x{spec.width} at stride {spec.stride} do not fit the bank's "
-                f"{bank_spec.image_size}px images (expected {expected[0]}x{expected[1]})"
+                f"{size}px images (expected {expected[0]}x{expected[1]})"
             )
-        writer = cls(path, spec)
         recorded = read_labels_attrs(path)
         if recorded is not None and recorded.get("fingerprint") == writer.fingerprint:
-            check_arrays(path, bank_spec, writer.format_version, writer.defs)
+            check_arrays(path, writer.bank_spec, writer.format_version, writer.defs)
             make_dirs(labels_side(writer.side) / "done", set())
             return writer
         if recorded is not None and not overwrite:

@@ -269,6 +269,13 @@ def views_per_row(spec: BankSpec) -> int:
     return 2 if spec.mirror else 1
 
 
+def split_views(spec: BankSpec, views: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Training views -> (stored rows, which to mirror): view ``2 * row + flip`` of a mirrored bank; a bank's
+    views are its rows otherwise (mirror None)."""
+    views = np.asarray(views, dtype=np.int64)
+    return (views // 2, views % 2 == 1) if spec.mirror else (views, None)
+
+
 def array_defs(spec: BankSpec) -> list[ArrayDef]:
     """All arrays of a bank, in a fixed order."""
     size = spec.image_size

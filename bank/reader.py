@@ -139,18 +139,7 @@ class Bank:
             if record is None:
                 missing_markers.append(shard)
                 continue
-            for rel, check in record["files"].items():
-                file = path / rel
-                size = file.stat().st_size if file.exists() else None
-                if size != check["nbytes"]:
-                    state = (
-                        "missing"
-                        if size is None
-                        else f"truncated/changed ({size} bytes, marker says {check['nbytes']})"
-                    )
-                    raise BankError(
-                        f"{path}: shard {shard} file {rel} is {state}. {repair_hint(path, shard, version)}"
-                    )
+            check_marker_files(path, shard, record, f"shard {shard}", repair_hint(path, shard, version))
             markers[shard] = record
         if require_complete and missing_markers:
             if not side.is_dir():
@@ -418,17 +407,25 @@ def _open_labels(
         record = read_label_marker(side, shard, fingerprint=fingerprint, bank_id=attrs.get("bank_id"))
         if record is None:
             continue
-        for rel, check in record["files"].items():
-            file = path / rel
-            size = file.stat().st_size if file.exists() else None
-            if size != check["nbytes"]:
-                raise BankError(
-                    f"{path}: soft labels of shard {shard}: file {rel} is "
-                    f"{'missing' if size is None else f'truncated/changed ({size} bytes)'}; re-write them with "
-                    "`dreamteacher interpret --overwrite`"
-                )
+        hint = repair_hint(path, shard, attrs["format_version"], labels=True)
+        check_marker_files(path, shard, record, f"soft labels of shard {shard}", hint)
         markers[shard] = record
     return labels, markers
+
+
+def check_marker_files(path: Path, shard: int, record: dict[str, Any], what: str, hint: str) -> None:
+    """Every file a done marker vouches for is there at its recorded size (the cheap check at open; the
+    crc32c are checked as chunks are read, and by ``bank verify``), else a :class:`BankError` ending in ``hint``."""
+    for rel, check in record["files"].items():
+        file = path / rel
+        size = file.stat().st_size if file.exists() else None
+        if size != check["nbytes"]:
+            state = (
+                "missing"
+                if size is None
+                else f"truncated/changed ({size} bytes, marker says {check['nbytes']})"
+            )
+            raise BankError(f"{path}: {what} file {rel} is {state}. {hint}")
 
 
 def _as_index_array(rows: Sequence[int] | slice, num_rows: int) -> np.ndarray:

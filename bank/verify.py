@@ -10,7 +10,15 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from bank.layout import array_defs, file_checksum, fsync_dir, read_row_chunk, repair_hint
+from bank.layout import (
+    array_defs,
+    file_checksum,
+    fsync_dir,
+    read_row_chunk,
+    repair_hint,
+    split_views,
+    views_per_row,
+)
 from bank.reader import Bank
 from bank.spec import BankError, done_marker_name
 
@@ -130,7 +138,7 @@ def _verify_labels(bank: Bank, group: zarr.Group, report: VerifyReport, *, progr
     from bank.labels import labels_side
 
     spec, path = bank.spec, bank.path
-    per_row = 2 if spec.mirror else 1
+    per_row = views_per_row(spec)
     for shard in tqdm(range(spec.num_shards), desc="verify soft labels", disable=not progress):
         span = spec.shard_range(shard)
         record = bank.label_markers.get(shard)
@@ -147,11 +155,10 @@ def _verify_labels(bank: Bank, group: zarr.Group, report: VerifyReport, *, progr
             report.problems.append(f"shard {shard}: soft labels: checksum mismatch in {bad_files}. {hint}")
             report.bad_rows.update(span)
             continue
-        rows = np.repeat(np.asarray(span), per_row)
-        mirror = np.tile(np.arange(per_row) == 1, len(span)) if spec.mirror else None
+        views = range(span.start * per_row, span.stop * per_row)
+        rows, mirror = split_views(spec, np.arange(views.start, views.stop))
         try:
             batch = bank.read_rows(rows, [], mirror=mirror, labels=True)
-            views = range(span.start * per_row, span.stop * per_row)
             for part, direct in batch["labels"].items():
                 if not np.array_equal(direct, group[f"labels/{part}"][views.start : views.stop]):
                     raise BankError(f"labels/{part} differs between the direct reader and zarr")

@@ -140,10 +140,12 @@ class InterpreterLabels:
     labels), in eval mode and without gradients, as ``dreamteacher interpret`` writes them into a bank."""
 
     def __init__(self, path: str | Path, device: torch.device, *, sha256: str = "") -> None:
-        from teachers.interpreter import load_interpreter
+        from teachers.interpreter import file_sha256, load_interpreter
 
         self.model, _ = load_interpreter(path, device, sha256=sha256)
         self.levels = self.model.levels
+        self.sha256 = sha256 or file_sha256(path)
+        """The interpreter's identity (a distill run records it)."""
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], feats: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -98,9 +98,7 @@ def build_labels(bank: Any, dcfg: DistillConfig, device: torch.device) -> tuple[
         return BankLabels(device), spec.num_classes, [], spec.fingerprint(bank.fingerprint)
     recorded = bank.labels.interpreter.get("sha256", "") if bank.labels is not None else ""
     labels = InterpreterLabels(dcfg.loss.interpreter, device, sha256=recorded)
-    from teachers.interpreter import file_sha256
-
-    return labels, labels.model.cfg.num_classes, labels.levels, file_sha256(dcfg.loss.interpreter)
+    return labels, labels.model.cfg.num_classes, labels.levels, labels.sha256
 
 
 def build_schedule(

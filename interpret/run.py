@@ -92,7 +92,7 @@ def run_interpret(
             stale.unlink(missing_ok=True)
     if model_path.is_file() and results_path.is_file():
         model, _ = load_interpreter(model_path, device)
-        results = json.loads(results_path.read_text())
+        results = json.loads(results_path.read_text()) | {"sha256": file_sha256(model_path)}
         want = {name: by_name[name].channels for name in levels}
         if model.cfg.level_channels != want:
             raise ValueError(
@@ -139,10 +139,10 @@ def run_interpret(
             "bank_fingerprint": bank.fingerprint,
         }
         extra = {k: results[k] for k in ("mIoU", "data", "train_images", "bank_fingerprint")}
-        save_interpreter(model, model_path, extra=extra)
+        sha256 = save_interpreter(model, model_path, extra=extra)
         atomic_write_text(results_path, json.dumps(results, indent=2))
         (run_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-    results["sha256"] = file_sha256(model_path)
+        results["sha256"] = sha256
 
     # 3. soft labels for every bank row, shard by shard (resumes; kill-safe)
     identity = {
@@ -174,10 +174,9 @@ def write_soft_labels(
     (decoded as distill decodes them: a mirrored bank's flipped view from the mirrored features), at
     ``image_size / stride``; returns the ``bank.LabelsSpec``. Deterministic (eval mode, fixed batches), so a
     re-run after a kill writes the same bytes."""
-    import numpy as np
     import torch.nn.functional as F
 
-    from bank import LabelsSpec, LabelsWriter, decode_targets
+    from bank import BankTrainSet, LabelsSpec, LabelsWriter, decode_targets
 
     model.eval()
     size = bank.spec.image_size // stride
@@ -191,24 +190,16 @@ def write_soft_labels(
     )
     writer = LabelsWriter.open(bank.path, spec, overwrite=overwrite)
     pending = writer.pending_shards()
-    levels = model.levels
+    views_set = BankTrainSet(
+        bank.path, model.levels
+    )  # views -> stored rows (+ mirror), as distill reads them
     projections = {name: p.to(device) for name, p in bank.projections.items()}
     for shard in tqdm(pending, desc="interpret: soft labels", unit="shard", disable=not progress):
-        views = np.asarray(writer.views(shard))
+        views = list(writer.views(shard))
         chunks = []
         for begin in range(0, len(views), WRITE_BATCH):
-            part = views[begin : begin + WRITE_BATCH]
-            rows, mirror = (part // 2, part % 2 == 1) if bank.spec.mirror else (part, None)
-            batch = bank.read_rows(rows, levels, mirror=mirror)
-            feats = decode_targets(
-                {
-                    lv: {p: torch.from_numpy(a) for p, a in parts.items()}
-                    for lv, parts in batch["targets"].items()
-                },
-                device,
-                mirror=None if mirror is None else torch.from_numpy(mirror),
-                projections=projections,
-            )
+            batch = views_set.__getitems__(views[begin : begin + WRITE_BATCH])
+            feats = decode_targets(batch["targets"], device, mirror=batch["mirror"], projections=projections)
             logits_BKhw = model(feats)
             if logits_BKhw.shape[-2:] != (size, size):
                 logits_BKhw = F.interpolate(

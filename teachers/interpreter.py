@@ -18,7 +18,6 @@ A trained interpreter is one safetensors file: the weights plus its config and c
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = 255
-"""Label value of unlabelled pixels (the few-label sets' convention)."""
+from sources.segmentation import IGNORE
+from teachers.base import files_sha256
+
+IGNORE_INDEX = IGNORE
+"""Label value of unlabelled pixels: the segmentation layouts' (``sources.segmentation.IGNORE``)."""
 DICE_SMOOTH = 1.0
 """Additive smoothing of the Dice ratio: keeps a class absent from the batch and the prediction at loss 0."""
 FORMAT = "dreamteacher-interpreter/1"
@@ -133,11 +135,8 @@ def interpreter_loss(
 
 # ---- files -----------------------------------------------------------------------------------------------------
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    """The interpreter's identity: what ``sha256sum FILE`` prints."""
+    return files_sha256([Path(path)])
 
 
 def save_interpreter(
@@ -170,9 +169,9 @@ def load_interpreter(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"interpreter {path} does not exist; train one with `dreamteacher interpret`")
-    if sha256 and file_sha256(path) != sha256:
+    if sha256 and (actual := file_sha256(path)) != sha256:
         raise ValueError(
-            f"interpreter {path} has sha256 {file_sha256(path)[:12]}, the bank's soft labels were written by "
+            f"interpreter {path} has sha256 {actual[:12]}, the bank's soft labels were written by "
             f"{sha256[:12]}; point at the original file or re-run `dreamteacher interpret --overwrite`"
         )
     with safe_open(str(path), framework="pt") as f:

@@ -183,6 +183,27 @@ def test_a_flipped_byte_in_a_label_chunk_is_an_error_naming_the_labels_repair(tm
     assert not report.ok and any("soft labels" in p and "shard 1" in p for p in report.problems)
 
 
+def test_a_truncated_label_file_names_its_shard_and_the_per_shard_repair_works(tmp_path):
+    path = tmp_path / "b.zarr"
+    write_bank(path)
+    written = write_labels(path)
+    before = label_files(path)
+    file = path / "labels/values/c/1/0/0/0"
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(BankError) as info:
+        Bank.open(path)
+    message = str(info.value)
+    assert "\n" not in message and "soft labels of shard 1" in message and "truncated" in message
+    assert "labels/done/000001.json" in message and "dreamteacher interpret" in message
+    # the repair it names: withdraw that shard's marker, re-run the writer: only shard 1 is rewritten
+    (side_dir(path) / "labels" / "done" / "000001.json").unlink()
+    writer = LabelsWriter.open(path, labels_spec())
+    assert writer.pending_shards() == [1]
+    writer.write_shard(1, written[1])
+    assert label_files(path) == before
+    assert Bank.open(path).labels == labels_spec()
+
+
 def test_edited_labels_declaration_and_wrong_shapes_are_errors(tmp_path):
     path = tmp_path / "b.zarr"
     write_bank(path)
