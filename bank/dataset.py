@@ -22,7 +22,7 @@ import torch
 import torch.utils.data
 
 from bank.codecs import CODECS, Codec
-from bank.layout import split_views
+from bank.layout import ChunkCheck, split_views
 from bank.projection import Projection
 from bank.reader import Bank, BankFormatWarning
 from bank.sampler import EpochSampler
@@ -36,10 +36,11 @@ class BankTrainSet(torch.utils.data.Dataset):
         path: str | Path,
         levels: list[str] | None = None,
         *,
-        verify_chunks: bool = True,
+        verify_chunks: ChunkCheck = "first",
         labels: bool = False,
     ) -> None:
-        """``verify_chunks``: check each chunk's crc32c as it is read (format v2; see ``Bank.open``).
+        """``verify_chunks``: when each chunk's crc32c is checked (format v2; see ``Bank.open``): by default the
+        first time each worker reads the chunk, so an epoch after the first costs the copy alone.
         ``labels``: batches carry the bank's soft labels too (``dreamteacher interpret``; required complete)."""
         self.path, self.levels, self.verify_chunks = Path(path), levels, verify_chunks
         self.labels = labels
@@ -164,7 +165,7 @@ def make_loader(
     flip: str = "random",
     pin_memory: bool = True,
     levels: list[str] | None = None,
-    verify_chunks: bool = True,
+    verify_chunks: ChunkCheck = "first",
     labels: bool = False,
 ) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
     """The training loader of one rank and its sampler (call ``sampler.set_epoch(e)`` each epoch); ``labels``:

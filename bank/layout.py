@@ -30,11 +30,13 @@ import socket
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import google_crc32c
+import crc32c
 import numpy as np
 import zarr
 import zarr.codecs
@@ -59,10 +61,21 @@ SIDE_SUFFIX = ".side"
 CHUNK_CRC_BYTES = 4
 """Version >= 2: bytes of the crc32c that follows every stored chunk."""
 
+ChunkCheck = Literal["always", "first", "never"]
+"""When a reader checks a stored chunk's crc32c (format v2): ``always`` on every read; ``first`` the first time
+this process reads the chunk (its later reads trust the bytes checked then: the check is a second pass over every
+byte, the reader's largest cost after the copy itself, docs/benchmarks.md); ``never``."""
+CHUNK_CHECKS: tuple[str, ...] = ("always", "first", "never")
+
 _ABSENT = np.uint64(2**64 - 1)
+_ABSENT_INT = 2**64 - 1
 _INDEX_CRC_BYTES = 4
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+SMALL_SHARD_FILE = 256 * 1024
+"""Bytes up to which a reader reads a shard file whole when it opens it (the per-row scales and offsets of the
+int8 / int4 codecs, small pixel arrays): a batch then costs one numpy gather for such an array instead of a
+``preadv`` per run of rows. At 16 shards open, at most 4 MiB per array in memory."""
 
 
 def has_chunk_checksums(format_version: int) -> bool:
@@ -255,7 +268,7 @@ class ArrayDef:
             return "none"
         return spec.pixel_compressor if self.per_image else spec.compressor
 
-    @property
+    @cached_property  # read once per array and batch on the hot path
     def row_nbytes(self) -> int:
         return int(np.dtype(self.dtype).itemsize * int(np.prod(self.row_shape, dtype=np.int64)))
 
@@ -415,11 +428,12 @@ def check_arrays(
 
 # ---- writing files ---------------------------------------------------------------------------------------------
 def _crc32c_bytes(data: Any) -> bytes:
-    """The 4 little-endian bytes zarr's ``crc32c`` codec appends (google_crc32c takes bytes or numpy arrays,
-    not memoryviews: wrap those zero-copy)."""
-    if isinstance(data, (memoryview, bytearray)):
-        data = np.frombuffer(data, dtype=np.uint8)
-    return int(google_crc32c.value(data)).to_bytes(4, "little")
+    """The 4 little-endian bytes zarr's ``crc32c`` codec appends, of any C-contiguous buffer.
+
+    The ``crc32c`` package, not the ``google_crc32c`` zarr-python uses: both take the CPU's crc32c instruction,
+    but crc32c interleaves three streams. Measured on 3 MB buffers (2-core Xeon VM): 25.3 GB/s against 7.7 GB/s,
+    against ~10 GB/s for the page-cache copy the reader checks it after (benchmarks: bench-bank)."""
+    return crc32c.crc32c(data).to_bytes(4, "little")
 
 
 def write_shard_file(
@@ -812,7 +826,9 @@ class ShardFile:
     whose chunks lie back to back in the file are read by ONE ``preadv`` scattering into their (not necessarily
     adjacent) output slots, so a contiguous row range costs one syscall per array and shard. With ``checksum``
     (format version >= 2) each chunk's trailing crc32c is scattered into a small side buffer by the same
-    ``preadv`` and, when ``verify``, compared with the crc32c of the bytes read.
+    ``preadv`` and compared with the crc32c of the bytes read as ``check`` says (:data:`ChunkCheck`); ``checked``
+    (one byte per chunk of this shard, kept by the caller across re-opens) records the chunks this process has
+    checked, for ``check="first"``.
     """
 
     def __init__(
@@ -823,13 +839,18 @@ class ShardFile:
         decoder: Any | None,
         *,
         checksum: bool = False,
-        verify: bool = True,
+        check: ChunkCheck = "always",
+        checked: bytearray | memoryview | None = None,
         shard: int = -1,
         root: Path | None = None,
     ) -> None:
+        if check not in CHUNK_CHECKS:
+            raise ValueError(f"check={check!r}: one of {', '.join(CHUNK_CHECKS)}")
         self.adef, self.decoder, self.path = adef, decoder, path
         self.shard, self.root, self.shard_rows = shard, root, shard_rows
-        self.checksum, self.verify = checksum, verify and checksum
+        self.checksum = checksum
+        self.check: ChunkCheck = check if checksum else "never"
+        self._checked = checked if checked is not None else bytearray(shard_rows)
         self._fd = -1
         try:
             self._fd = os.open(path, os.O_RDONLY)
@@ -844,8 +865,34 @@ class ShardFile:
         if _crc32c_bytes(memoryview(raw)[:-_INDEX_CRC_BYTES]) != raw[-_INDEX_CRC_BYTES:]:
             self.close()
             raise BankError(f"{self._where()}: the shard index fails its crc32c checksum. {self._hint()}")
-        # (shard_rows, 2) uint64 little-endian (offset, nbytes)
+        # (shard_rows, 2) uint64 little-endian (offset, nbytes); as Python lists too, for the hot path
         self.index = np.frombuffer(raw[:-_INDEX_CRC_BYTES], dtype="<u8").reshape(-1, 2)
+        self._offsets: list[int] = self.index[:, 0].tolist()
+        self._sizes: list[int] = self.index[:, 1].tolist()
+        self._table: np.ndarray | None = None
+        """A small file's stored chunks, ``(present, stored bytes)``, read whole at open."""
+        self._table_checked = self._checked if self.check == "first" else bytearray(shard_rows)
+        """Chunks of :attr:`_table` checked: each is checked when first used, under ``always`` too (its bytes
+        do not come from the file again until the file is re-opened)."""
+        if decoder is None and size <= SMALL_SHARD_FILE:
+            self._table = self._read_whole()
+
+    def _read_whole(self) -> np.ndarray | None:
+        """A file whose chunks are stored raw, back to back from offset 0 in slot order (what the writer writes;
+        absent chunks only past the last written one), read whole: ``(present, stored)`` uint8. None for any
+        other layout (read chunk by chunk)."""
+        stored = self.adef.row_nbytes + (CHUNK_CRC_BYTES if self.checksum else 0)
+        present = sum(1 for offset in self._offsets if offset != _ABSENT_INT)
+        regular = all(
+            self._offsets[i] == i * stored and self._sizes[i] == stored for i in range(present)
+        ) and all(self._sizes[i] == _ABSENT_INT for i in range(present, self.shard_rows))
+        if not regular:
+            return None
+        data = os.pread(self._fd, present * stored, 0)
+        if len(data) != present * stored:
+            self._mis_sized(len(data) // stored, len(data) % stored, stored)
+        self.close()  # every byte the file can give is in memory
+        return np.frombuffer(data, dtype=np.uint8).reshape(present, stored)
 
     def _hint(self) -> str:
         if self.root is None or self.shard < 0:
@@ -864,70 +911,100 @@ class ShardFile:
     def __del__(self) -> None:
         self.close()
 
+    def _needs_check(self, local: int) -> bool:
+        """Whether chunk ``local`` is checked on this read (and, for ``check="first"``, mark it checked)."""
+        if self.check == "never" or (self.check == "first" and self._checked[local]):
+            return False
+        self._checked[local] = 1  # a failed check raises: nothing reads the chunk as checked afterwards
+        return True
+
     def read_into(
-        self, local_rows: np.ndarray, out_bytes: np.ndarray, slots: np.ndarray | None = None
+        self,
+        local_rows: Sequence[int] | np.ndarray,
+        out_bytes: np.ndarray,
+        slots: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         """Copy rows ``local_rows`` (positions inside the shard) into ``out_bytes[slots[j]]``.
 
         ``out_bytes``: (n, row_nbytes) uint8 rows of a C-contiguous buffer; ``slots`` defaults to ``0..len-1``.
+        Plain Python over the few rows of a batch, on lists made at open: numpy's per-call overhead (a dozen
+        small calls per array and shard) was 30 % of an int4 batch's read in the profile.
         """
         row_nbytes = self.adef.row_nbytes
         trailer = CHUNK_CRC_BYTES if self.checksum else 0
         stored = row_nbytes + trailer
-        local_rows = np.asarray(local_rows, dtype=np.int64)
-        slots = np.arange(len(local_rows)) if slots is None else np.asarray(slots, dtype=np.int64)
-        entries = self.index[local_rows]  # (m, 2) offset, nbytes
-        offsets, sizes = entries[:, 0], entries[:, 1]
-        absent = (offsets == _ABSENT) & (sizes == _ABSENT)
-        plain = ~absent & (sizes == stored) if self.decoder is None else np.zeros_like(absent)
-        # 1. absent chunks (never written): the fill value
-        if absent.any():
-            for j in np.flatnonzero(absent):
-                out_bytes[slots[j]] = 0
-        # 2. stored raw chunks: runs of back-to-back chunks, one preadv per run (<= IOV_MAX buffers). Plain
-        #    Python over the few rows of a batch: numpy's per-call overhead dominated here in the profile.
-        raw = np.flatnonzero(plain)
-        if len(raw):
-            raw = raw[np.argsort(offsets[raw], kind="stable")]
-            offs, outs = offsets[raw].tolist(), slots[raw].tolist()
+        rows = local_rows if isinstance(local_rows, list) else np.asarray(local_rows, dtype=np.int64).tolist()
+        if slots is None:
+            outs = list(range(len(rows)))
+        else:
+            outs = slots if isinstance(slots, list) else np.asarray(slots, dtype=np.int64).tolist()
+        if self._table is not None:  # a small file, in memory since open: one gather
+            table = self._table
+            if self.check != "never":
+                checked = self._table_checked
+                for local in rows:
+                    if local < len(table) and not checked[local]:
+                        if _crc32c_bytes(table[local, :row_nbytes]) != table[local, row_nbytes:].tobytes():
+                            self._corrupt(local)
+                        checked[local] = 1
+            rows_np, outs_np = np.asarray(rows, dtype=np.int64), np.asarray(outs, dtype=np.int64)
+            stored_rows = rows_np < len(table)
+            out_bytes[outs_np[stored_rows]] = table[rows_np[stored_rows], :row_nbytes]
+            out_bytes[outs_np[~stored_rows]] = 0  # absent chunks: the fill value
+            return
+        offsets, sizes = self._offsets, self._sizes
+        # 1. sort the chunks: absent ones (never written) get the fill value, stored raw ones are read in runs
+        plain: list[tuple[int, int]] = []  # (file offset, j)
+        other: list[int] = []
+        for j, local in enumerate(rows):
+            offset, size = offsets[local], sizes[local]
+            if offset == _ABSENT_INT and size == _ABSENT_INT:
+                out_bytes[outs[j]] = 0
+            elif self.decoder is None and size == stored:
+                plain.append((offset, j))
+            else:
+                other.append(j)
+        # 2. stored raw chunks: runs of back-to-back chunks, one preadv per run (<= IOV_MAX buffers), each chunk's
+        #    crc32c scattered into a side buffer by the same call
+        if plain:
+            plain.sort()
             per_run = _IOV_MAX // 2 if trailer else _IOV_MAX
-            crcs = bytearray(trailer * len(raw))
-            crc_view = memoryview(crcs)
+            crcs = memoryview(bytearray(trailer * len(plain)))
             start = 0
-            for k in range(1, len(offs) + 1):
-                if k < len(offs) and offs[k] == offs[k - 1] + stored and k - start < per_run:
+            for k in range(1, len(plain) + 1):
+                if k < len(plain) and plain[k][0] == plain[k - 1][0] + stored and k - start < per_run:
                     continue  # chunk k continues the run
-                if trailer:
-                    buffers: list[Any] = []
-                    for i in range(start, k):
-                        buffers += [out_bytes[outs[i]], crc_view[4 * i : 4 * i + 4]]
-                else:
-                    buffers = [out_bytes[s] for s in outs[start:k]]
-                got = os.preadv(self._fd, buffers, offs[start])
+                buffers: list[Any] = []
+                for i in range(start, k):
+                    buffers.append(out_bytes[outs[plain[i][1]]])
+                    if trailer:
+                        buffers.append(crcs[4 * i : 4 * i + 4])
+                got = os.preadv(self._fd, buffers, plain[start][0])
                 if got != (k - start) * stored:
-                    self._mis_sized(int(local_rows[raw[start]]), got, (k - start) * stored)
+                    self._mis_sized(rows[plain[start][1]], got, (k - start) * stored)
                 start = k
-            if self.verify:
-                value = google_crc32c.value
-                for i, s in enumerate(outs):
-                    if value(out_bytes[s]) != int.from_bytes(crcs[4 * i : 4 * i + 4], "little"):
-                        self._corrupt(int(local_rows[raw[i]]))
+            for i, (_offset, j) in enumerate(plain):
+                if (
+                    self._needs_check(rows[j])
+                    and _crc32c_bytes(out_bytes[outs[j]]) != crcs[4 * i : 4 * i + 4]
+                ):
+                    self._corrupt(rows[j])
         # 3. compressed (or mis-sized) chunks: read, check, decode, copy
-        if len(raw) < len(local_rows):
-            for j in np.flatnonzero(~absent & ~plain):
-                data = os.pread(self._fd, int(sizes[j]), int(offsets[j]))
-                if trailer:
-                    if len(data) < trailer:
-                        self._mis_sized(int(local_rows[j]), len(data), stored)
-                    body = memoryview(data)[:-trailer]
-                    if self.verify and _crc32c_bytes(body) != data[-trailer:]:
-                        self._corrupt(int(local_rows[j]))
-                    data = body
-                if self.decoder is not None:
-                    data = self.decoder.decode(data)
-                if len(data) != row_nbytes:
-                    self._mis_sized(int(local_rows[j]), len(data), row_nbytes)
-                out_bytes[slots[j]] = np.frombuffer(data, dtype=np.uint8)
+        for j in other:
+            local = rows[j]
+            data = os.pread(self._fd, sizes[local], offsets[local])
+            if trailer:
+                if len(data) < trailer:
+                    self._mis_sized(local, len(data), stored)
+                body = memoryview(data)[:-trailer]
+                if self._needs_check(local) and _crc32c_bytes(body) != data[-trailer:]:
+                    self._corrupt(local)
+                data = body
+            if self.decoder is not None:
+                data = self.decoder.decode(data)
+            if len(data) != row_nbytes:
+                self._mis_sized(local, len(data), row_nbytes)
+            out_bytes[outs[j]] = np.frombuffer(data, dtype=np.uint8)
 
     def _row(self, local: int) -> str:
         what = "image" if self.adef.per_image else "soft labels of view" if self.adef.per_view else "row"
@@ -952,7 +1029,9 @@ class ShardFileCache:
 
     Holds ``shards_open`` shards of every sharded array: the sampler's block shuffle keeps a batch inside a
     window of a few shards, and an LRU smaller than (window shards x arrays) would re-open and re-read the index
-    of every file on every batch (the profile showed 156 opens for 260 lookups at 64 slots).
+    of every file on every batch (the profile showed 156 opens for 260 lookups at 64 slots). For
+    ``check="first"`` it keeps, per array, one byte per chunk that this process has checked, across re-opens
+    (one byte per row and array: 2.6 MB per array for ImageNet's 2.56M rows).
     """
 
     def __init__(
@@ -962,32 +1041,38 @@ class ShardFileCache:
         shards_open: int = 16,
         *,
         checksum: bool = False,
-        verify: bool = True,
+        check: ChunkCheck = "always",
         extra_arrays: int = 0,
     ) -> None:
         """``extra_arrays``: sharded arrays beside the bank's own (the soft labels') kept open as well."""
         self.root, self.spec = root, spec
-        self.checksum, self.verify = checksum, verify
+        self.checksum, self.check = checksum, check
         self.capacity = shards_open * (sum(1 for d in array_defs(spec) if d.sharded) + extra_arrays)
         self._files: OrderedDict[tuple[str, int], ShardFile] = OrderedDict()
+        self._checked: dict[str, bytearray] = {}
         self._pid = os.getpid()
 
     def get(self, adef: ArrayDef, shard: int) -> ShardFile:
         if self._pid != os.getpid():
-            self._files.clear()  # the parent's descriptors stay the parent's
+            self._files.clear()  # the parent's descriptors stay the parent's, and so do its checks
+            self._checked.clear()
             self._pid = os.getpid()
         key = (adef.path, shard)
         if key in self._files:
             self._files.move_to_end(key)
             return self._files[key]
         compressor = get_compressor(adef.compressor_name(self.spec))
+        slots = adef.slots(self.spec)
+        if adef.path not in self._checked:
+            self._checked[adef.path] = bytearray(slots * self.spec.num_shards)
         shard_file = ShardFile(
             adef.shard_file(self.root, shard),
             adef,
-            adef.slots(self.spec),
+            slots,
             compressor.chunk_decoder() if compressor else None,
             checksum=self.checksum,
-            verify=self.verify,
+            check=self.check,
+            checked=memoryview(self._checked[adef.path])[shard * slots : (shard + 1) * slots],
             shard=shard,
             root=self.root,
         )

@@ -16,8 +16,10 @@ import zarr
 from bank.codecs import codec_for
 from bank.labels import LabelsSpec, label_array_defs, read_label_marker, read_labels_attrs
 from bank.layout import (
+    CHUNK_CHECKS,
     SUMMARY_FILE,
     ArrayDef,
+    ChunkCheck,
     ShardFileCache,
     array_defs,
     check_arrays,
@@ -49,7 +51,7 @@ class BankFormatWarning(UserWarning):
 
 class Bank:
     """A bank opened for reading. Open with :meth:`open`; every check that is cheap happens there, and each
-    feature or pixel chunk's crc32c is checked as it is read (format v2)."""
+    feature or pixel chunk's crc32c is checked as it is read (format v2; ``verify_chunks`` says when)."""
 
     def __init__(
         self,
@@ -59,7 +61,7 @@ class Bank:
         markers: dict[int, dict[str, Any]],
         row_meta: dict[str, np.ndarray],
         *,
-        verify_chunks: bool = True,
+        verify_chunks: ChunkCheck = "always",
         labels: tuple[LabelsSpec, dict[int, dict[str, Any]]] | None = None,
     ):
         self.path, self.attrs, self.spec = path, attrs, spec
@@ -67,8 +69,8 @@ class Bank:
         self.bank_id: str | None = attrs.get("bank_id")
         self.side = side_dir_for(path, self.format_version)
         self.chunk_checksums = has_chunk_checksums(self.format_version)
-        """Whether the bank's chunks carry a crc32c (format v2); checked on every read when ``verify_chunks``."""
-        self.verify_chunks = verify_chunks and self.chunk_checksums
+        """Whether the bank's chunks carry a crc32c (format v2), checked as ``verify_chunks`` says."""
+        self.verify_chunks: ChunkCheck = verify_chunks if self.chunk_checksums else "never"
         self.levels: list[LevelSpec] = spec.levels
         self.fingerprint: str = attrs["fingerprint"]
         self.markers = markers
@@ -92,7 +94,7 @@ class Bank:
             path,
             spec,
             checksum=self.chunk_checksums,
-            verify=verify_chunks,
+            check=self.verify_chunks,
             extra_arrays=len(self._label_defs),
         )
         self._buffers = BufferPool()
@@ -104,13 +106,16 @@ class Bank:
         path: str | Path,
         *,
         require_complete: bool = True,
-        verify_chunks: bool = True,
+        verify_chunks: ChunkCheck = "always",
         check_rows: bool = True,
     ) -> Bank:
         """Open and validate: format version, fingerprint, arrays, done markers, shard file sizes, and every
         per-row array's file against its marker's crc32 (``check_rows``; ``bank verify`` turns it off to report
-        bad shards instead of failing). ``verify_chunks``: check each feature / pixel chunk's crc32c as it is
-        read (format v2; a v1 bank has none and warns :class:`BankFormatWarning`)."""
+        bad shards instead of failing). ``verify_chunks``: when each feature / pixel chunk's crc32c is checked as
+        it is read: ``always``, ``first`` (the first time this process reads the chunk: what training uses) or
+        ``never`` (format v2; a v1 bank has none and warns :class:`BankFormatWarning`)."""
+        if verify_chunks not in CHUNK_CHECKS:
+            raise ValueError(f"verify_chunks={verify_chunks!r}: one of {', '.join(CHUNK_CHECKS)}")
         path = Path(path)
         # 1. attributes: version and fingerprint
         attrs = read_bank_attrs(path)
@@ -265,13 +270,15 @@ class Bank:
             if shard not in self.markers:
                 raise BankError(f"{self.path}: rows of shard {shard} requested but the shard is not written")
             local = index[group] - shard * spec.shard_rows
-            local_image = local // spec.views_per_image  # pixels stored once per image
-            local_view = local * 2 + to_mirror[group] if spec.mirror else local  # soft labels: one per view
             if labels and shard not in self.label_markers:
                 raise BankError(f"{self.path}: soft labels of shard {shard} requested but not written")
+            # as lists, made once for every array (the per-array reads are plain Python: ShardFile.read_into)
+            slots, local_row = group.tolist(), local.tolist()
+            local_image = (local // spec.views_per_image).tolist()  # pixels stored once per image
+            local_view = (local * 2 + to_mirror[group]).tolist() if spec.mirror else local_row  # one per view
             for d in defs:
-                entries = local_image if d.per_image else local_view if d.per_view else local
-                self._files.get(d, shard).read_into(entries, segments[d.path], group)
+                entries = local_image if d.per_image else local_view if d.per_view else local_row
+                self._files.get(d, shard).read_into(entries, segments[d.path], slots)
         # 3. typed views: image (n, 3, H, W), targets {level: {part: (n, *part_shape)}}
         out: dict[str, Any] = {"targets": {}}
         for d in defs:

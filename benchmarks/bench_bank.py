@@ -39,7 +39,7 @@ DEMO_TEACHER = ROOT / "assets" / "demo-teacher"
 SAMPLE_IMAGES = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
 ADM256_LEVELS = [("s32", 32, 1024, 8), ("s16", 16, 1024, 16), ("s8", 8, 512, 32), ("s4", 4, 512, 64)]
 PROJECT = "project reader (Bank.read_rows, sampler batches of 16; crc32c of every chunk checked)"
-PROJECT_NO_CRC = "project reader, chunk crc32c not checked (Bank.open(verify_chunks=False))"
+PROJECT_NO_CRC = "project reader, chunk crc32c not checked (Bank.open(verify_chunks='never'))"
 CEILING = "ceiling (a): raw preadv of the same rows' chunks (page cache)"
 CEILING_SLOTS = "ceiling (a'): raw preadv of the same rows' chunks into their batch slots (page cache)"
 CEILING_FILES = "ceiling (b): raw read of whole shard files, all views (page cache)"
@@ -441,7 +441,7 @@ def reader_codec_table(
         writer = BankWriter.create(path, spec, cfg, projections=projections)
         for shard, shard_rows_ in bench_shards(spec, adm, images):
             writer.write_shard(shard, shard_rows_)
-        bank, unchecked = Bank.open(path), Bank.open(path, verify_chunks=False)
+        bank, unchecked = Bank.open(path), Bank.open(path, verify_chunks="never")
         sampler = EpochSampler(bank, 16, seed=0, flip="random")
         batches = []
         for epoch in range(2):
@@ -488,7 +488,7 @@ def reader_table(
         batches.extend(sampler)
     batch_views = sum(len(b) for b in batches)
 
-    unchecked = Bank.open(path, verify_chunks=False)
+    unchecked = Bank.open(path, verify_chunks="never")
 
     def project(reader: Bank = bank):
         for batch in batches:

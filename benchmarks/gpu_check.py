@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-NEEDED = ("diffusers", "zarr", "numcodecs", "google_crc32c", "webdataset", "dask", "distributed", "pycocotools",
+NEEDED = ("diffusers", "zarr", "numcodecs", "google_crc32c", "crc32c", "webdataset", "dask", "distributed", "pycocotools",
           "click", "braceexpand", "pytest")  # fmt: skip
 """Modules gpu-check imports that the GPU machine's Python lacks (unpacked from the wheels)."""
 PROVIDED = ("torch", "torchvision", "timm", "safetensors", "tensorboard", "numpy", "PIL", "yaml", "tqdm")

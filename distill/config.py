@@ -87,6 +87,10 @@ class DistillConfig:
     """End this invocation after this step with a checkpoint (resume later with --resume), keeping the full run's
     schedule: for time-sliced / preemptible jobs. 0 = run to the end."""
     num_workers: int = 4
+    verify_chunks: Literal["first", "always", "never"] = "first"
+    """When the loader checks a bank chunk's crc32c (``bank.layout.ChunkCheck``): ``first`` the first time each
+    worker reads the chunk (a corrupt chunk stops the run before it is trained on; later epochs skip the second
+    pass over the bytes), ``always`` on every read, ``never``."""
     draw: Literal["random", "first"] = "random"
     """Which of an image's K stored draws an epoch uses."""
     targets: Literal["bank", "online", "replay"] = "bank"

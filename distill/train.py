@@ -206,6 +206,7 @@ def _run(inputs: DistillInputs, runtime: Runtime, *, resume: bool, progress: boo
         flip=dcfg.flip,
         pin_memory=runtime.device.type == "cuda",
         levels=levels if dcfg.targets == "bank" else [],
+        verify_chunks=dcfg.verify_chunks,
         labels=labels is not None and dcfg.targets == "bank",
     )
     if len(sampler) == 0:

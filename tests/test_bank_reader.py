@@ -1,5 +1,6 @@
-"""The fast reader's own paths: batched/merged shard-file reads == zarr-python for any row order, one preadv per
-run of back-to-back chunks, and batch-buffer reuse that never overwrites a batch someone still holds."""
+"""The fast reader's own paths: batched/merged shard-file reads == zarr-python for any row order (files read
+chunk by chunk and small files read whole), one preadv per run of back-to-back chunks, and batch-buffer reuse
+that never overwrites a batch someone still holds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import zarr
 
 from bank import Bank, BankTrainSet, EpochSampler, collate_rows
+from bank import layout as bank_layout
 from bank.config import BankConfig
 from bank.layout import array_defs
 from bank.reader import BufferPool
@@ -31,7 +33,7 @@ def _address(a: np.ndarray) -> int:
 
 @pytest.mark.parametrize("compressor", ["none", "blosc-lz4"])
 @pytest.mark.parametrize("order", list(ROW_ORDERS))
-def test_read_rows_equals_zarr_for_any_row_order(tmp_path, compressor, order):
+def test_read_rows_equals_zarr_for_any_row_order(tmp_path, compressor, order, small_files):
     cfg = BankConfig(shard_rows=8, codec="int8", level_codecs={"s8": "fp16"}, compressor=compressor)
     spec = write_bank(tmp_path / "b.zarr", cfg)
     bank = Bank.open(tmp_path / "b.zarr")
@@ -50,6 +52,7 @@ def test_read_rows_equals_zarr_for_any_row_order(tmp_path, compressor, order):
 
 
 def test_back_to_back_chunks_are_one_preadv(tmp_path, monkeypatch):
+    monkeypatch.setattr(bank_layout, "SMALL_SHARD_FILE", 0)
     spec = write_bank(tmp_path / "b.zarr")
     bank = Bank.open(tmp_path / "b.zarr")
     sharded = [d for d in array_defs(spec) if d.sharded]
@@ -67,6 +70,21 @@ def test_back_to_back_chunks_are_one_preadv(tmp_path, monkeypatch):
     calls.clear()
     bank.read_rows([0, 2, 9])  # no two chunks adjacent in a file
     assert calls == [2] * (3 * len(sharded))  # one chunk (+ its crc32c) per syscall
+
+
+def test_small_files_are_read_once_when_opened(tmp_path, monkeypatch):
+    write_bank(tmp_path / "b.zarr")  # every shard file of this bank is under SMALL_SHARD_FILE
+    bank = Bank.open(tmp_path / "b.zarr")
+    first = bank.read_rows([3, 1, 9])
+    reads: list[str] = []
+    for name in ("preadv", "pread"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real, _name=name: reads.append(_name) or _real(*a))
+    again = bank.read_rows([9, 3, 1, 2])  # shards 0 and 1 are open: their files are in memory
+    assert reads == []
+    assert np.array_equal(again["image"][:3], first["image"][[2, 0, 1]])
+    bank.read_rows([16])  # shard 2: each of its files read whole once (one pread each), then gathered
+    assert set(reads) == {"pread"}
 
 
 def test_buffer_pool_hands_out_only_unreferenced_buffers():

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from click.testing import CliRunner
 
-from bank import Bank, BankError, BankTrainSet, BankWriter
+from bank import Bank, BankError, BankTrainSet, BankWriter, collate_rows
 from bank.config import BankConfig
 from bank.layout import SIDE_SUFFIX, SUMMARY_FILE, array_defs, side_dir
 from bank.reader import BankFormatWarning
@@ -42,7 +43,7 @@ def _one_line(exc: BaseException) -> str:
 
 # ---- item 2: checksums ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("compressor", ["none", "blosc-lz4"])
-def test_a_flipped_byte_in_a_feature_chunk_is_an_error_when_read(tmp_path, compressor):
+def test_a_flipped_byte_in_a_feature_chunk_is_an_error_when_read(tmp_path, compressor, small_files):
     path = tmp_path / "b.zarr"
     cfg = BankConfig(shard_rows=8, codec="int8", level_codecs={"s8": "fp16"}, compressor=compressor)
     write_bank(path, cfg)
@@ -64,10 +65,53 @@ def test_a_flipped_byte_in_a_feature_chunk_is_an_error_when_read(tmp_path, compr
     with pytest.raises(ValueError, match="checksum"):
         zarr.open_group(path, mode="r")["features/s4/q"][9]
     # turning the check off is possible (measured cost: docs/benchmarks.md), and then the bytes come back
-    assert Bank.open(path, verify_chunks=False).read_rows([9])["image"].shape == (1, 3, 16, 16)
+    assert Bank.open(path, verify_chunks="never").read_rows([9])["image"].shape == (1, 3, 16, 16)
+    # checking each chunk only the first time it is read (training's default) still stops its first read
+    with pytest.raises(BankError, match="row 9 fails its crc32c"):
+        Bank.open(path, verify_chunks="first").read_rows([8, 9])
 
 
-def test_a_flipped_byte_in_a_pixel_chunk_is_an_error_when_read(tmp_path):
+def _flip_row_9_of_s4(path: Path) -> None:
+    bank = Bank.open(path, verify_chunks="never")
+    first = int(bank._files.get(bank.array_defs(["s4"])[1], 1).index[1, 0])
+    _flip_byte(path / "features/s4/q/c/1/0/0/0", first + 3)
+
+
+def test_first_read_checks_trust_what_this_process_checked_and_always_rechecks(tmp_path, monkeypatch):
+    """The trade ``verify_chunks="first"`` makes (and its docs state): a chunk checked once is trusted by this
+    process afterwards, so bytes that change on disk later go unseen there; ``always`` sees them; a new process
+    (a re-opened bank, a forked DataLoader worker) checks again."""
+    from bank import layout
+
+    monkeypatch.setattr(layout, "SMALL_SHARD_FILE", 0)  # read from the file on every read
+    path = tmp_path / "b.zarr"
+    write_bank(path, CFG)
+    first, always = Bank.open(path, verify_chunks="first"), Bank.open(path, verify_chunks="always")
+    clean = first.read_rows([9])["targets"]["s4"]["q"].copy()
+    always.read_rows([9])
+    _flip_row_9_of_s4(path)
+    changed = first.read_rows([9])["targets"]["s4"]["q"]  # trusted: not checked again
+    assert not np.array_equal(changed, clean)
+    with pytest.raises(BankError, match="row 9 fails its crc32c"):
+        always.read_rows([9])
+    with pytest.raises(BankError, match="row 9 fails its crc32c"):
+        Bank.open(path, verify_chunks="first").read_rows([9])
+
+
+def test_a_forked_loader_worker_checks_chunks_its_parent_checked(tmp_path):
+    path = tmp_path / "b.zarr"
+    write_bank(path, CFG)
+    dataset = BankTrainSet(path)  # verify_chunks="first", the training default
+    assert dataset.__getitems__([9])["image"].shape[0] == 1  # checked in the parent
+    _flip_row_9_of_s4(path)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=[[9]], collate_fn=collate_rows, num_workers=1, multiprocessing_context="fork"
+    )
+    with pytest.raises(BankError, match="row 9 fails its crc32c"):
+        next(iter(loader))
+
+
+def test_a_flipped_byte_in_a_pixel_chunk_is_an_error_when_read(tmp_path, small_files):
     path = tmp_path / "b.zarr"
     write_bank(path)
     _flip_byte(path / "image/c/2/0/0/0", 5)  # row 16, the first of the short last shard
