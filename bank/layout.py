@@ -892,6 +892,7 @@ class ShardFile:
         if len(data) != present * stored:
             self._mis_sized(len(data) // stored, len(data) % stored, stored)
         self.close()  # every byte the file can give is in memory
+        self._table_unchecked = sum(1 for local in range(present) if not self._table_checked[local])
         return np.frombuffer(data, dtype=np.uint8).reshape(present, stored)
 
     def _hint(self) -> str:
@@ -910,6 +911,25 @@ class ShardFile:
 
     def __del__(self) -> None:
         self.close()
+
+    def _read_from_table(self, rows: list[int], out_bytes: np.ndarray, outs: list[int]) -> None:
+        """:meth:`read_into` for a small file held in memory: each chunk checked when first used, one gather."""
+        table, row_nbytes = self._table, self.adef.row_nbytes
+        assert table is not None
+        present = len(table)
+        if self.check != "never" and self._table_unchecked:
+            checked = self._table_checked
+            for local in rows:
+                if local < present and not checked[local]:
+                    if _crc32c_bytes(table[local, :row_nbytes]) != table[local, row_nbytes:].tobytes():
+                        self._corrupt(local)
+                    checked[local] = 1
+                    self._table_unchecked -= 1
+        if present == self.shard_rows:  # no absent chunk (every shard but a short last one)
+            out_bytes[outs] = table[rows, :row_nbytes]
+            return
+        for local, slot in zip(rows, outs, strict=True):
+            out_bytes[slot] = table[local, :row_nbytes] if local < present else 0  # absent: the fill value
 
     def _needs_check(self, local: int) -> bool:
         """Whether chunk ``local`` is checked on this read (and, for ``check="first"``, mark it checked)."""
@@ -939,18 +959,7 @@ class ShardFile:
         else:
             outs = slots if isinstance(slots, list) else np.asarray(slots, dtype=np.int64).tolist()
         if self._table is not None:  # a small file, in memory since open: one gather
-            table = self._table
-            if self.check != "never":
-                checked = self._table_checked
-                for local in rows:
-                    if local < len(table) and not checked[local]:
-                        if _crc32c_bytes(table[local, :row_nbytes]) != table[local, row_nbytes:].tobytes():
-                            self._corrupt(local)
-                        checked[local] = 1
-            rows_np, outs_np = np.asarray(rows, dtype=np.int64), np.asarray(outs, dtype=np.int64)
-            stored_rows = rows_np < len(table)
-            out_bytes[outs_np[stored_rows]] = table[rows_np[stored_rows], :row_nbytes]
-            out_bytes[outs_np[~stored_rows]] = 0  # absent chunks: the fill value
+            self._read_from_table(rows, out_bytes, outs)
             return
         offsets, sizes = self._offsets, self._sizes
         # 1. sort the chunks: absent ones (never written) get the fill value, stored raw ones are read in runs
