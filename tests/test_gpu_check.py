@@ -37,4 +37,7 @@ def test_cpu_smoke_run_fills_every_row(tmp_path: Path) -> None:
     assert len(encode) == 1 and "views/s" in encode[0][2] and float(encode[0][3]) > 0
     assert any("distill" in c for c in checks) and any(c.startswith("DDP step (gloo") for c in checks)
     assert "ok" in next(row for row in rows if row[0].startswith("DDP"))[2]
+    decode = [row for row in rows if row[0].startswith("bank decode on the device")]
+    assert [row[0].split(", ", 1)[1] for row in decode][:4] == ["fp16", "int8", "fp8", "int4"]
+    assert all("of the step" in row[2] for row in decode)
     assert "| check | setting | result |" in proc.stdout
