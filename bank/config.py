@@ -34,6 +34,11 @@ class BankConfig:
     """Per level, k PCA components stored per position instead of the C channels (``s4: 256``; 0 or absent = the
     channels). The basis is fitted on ``projection_images`` images before the first shard is written, stored in
     the bank and covered by its fingerprint (docs/bank-format.md, Projection)."""
+    projection_energy: dict[str, float] = field(default_factory=dict)
+    """Per level, the fraction of the fit sample's channel variance to keep instead of a fixed k (``s4: 0.99``;
+    scikit-learn PCA's float ``n_components``): k = the fewest components that keep at least it, chosen by the
+    fit and recorded in the spec (``bank info`` prints it). A level is in at most one of ``projection`` and
+    ``projection_energy``."""
     projection_images: int = 256
     """Images in the projection fit's sample (evenly spaced over the key-sorted dataset; draw 0, every stored
     flip view)."""
@@ -45,6 +50,16 @@ class BankConfig:
         negative = {level: k for level, k in self.projection.items() if k < 0}
         if negative:
             problems.append(f"projection={negative}: k is a number of components, >= 0 (0 = no projection)")
+        bad_energy = {level: e for level, e in self.projection_energy.items() if not 0 < e <= 1}
+        if bad_energy:
+            problems.append(f"projection_energy={bad_energy}: a fraction of the variance, in (0, 1]")
+        both = sorted(
+            level for level, k in self.projection.items() if k > 0 and level in self.projection_energy
+        )
+        if both:
+            problems.append(
+                f"levels {both} are in both projection and projection_energy: choose k or the energy"
+            )
         if self.projection_images < 1:
             problems.append(f"projection_images={self.projection_images}: the fit needs at least one image")
         if self.pixel_compressor != "none" and self.pixels != "image":

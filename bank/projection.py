@@ -109,23 +109,41 @@ class CovarianceAccumulator:
             self.outer_CC += x_NC.T @ x_NC
         self.count += x_NC.shape[0]
 
-    def fit(self, components: int) -> Projection:
-        """The top-``components`` principal directions (see :data:`FIT_RULE`)."""
+    def fit(self, components: int = 0, *, energy: float = 0.0) -> Projection:
+        """The top-``components`` principal directions, or the fewest that keep ``energy`` of the variance (see
+        :data:`FIT_RULE`)."""
         if self.sum_C is None or self.outer_CC is None or self.count < 2:
             raise BankError("projection fit: no sample features (every sample image was rejected?)")
         mean_C = (self.sum_C / self.count).cpu()
         cov_CC = (self.outer_CC.cpu() / self.count) - torch.outer(mean_C, mean_C)
-        return fit_from_covariance(mean_C, (cov_CC + cov_CC.T) / 2, components)
+        return fit_from_covariance(mean_C, (cov_CC + cov_CC.T) / 2, components, energy=energy)
 
 
-def fit_from_covariance(mean_C: torch.Tensor, cov_CC: torch.Tensor, components: int) -> Projection:
-    """Top-k eigenvectors of a symmetric covariance (float64, CPU), largest eigenvalue first, sign-normalised."""
+def components_for_energy(evals_desc: torch.Tensor, energy: float) -> int:
+    """The fewest leading components whose eigenvalues (descending) sum to at least ``energy`` of the total (all of
+    them for a zero covariance). A relative 1e-12 slack keeps ``energy=1`` from asking for the numerically zero
+    tail."""
+    total = float(evals_desc.sum())
+    if total <= 0:
+        return int(evals_desc.numel())
+    kept = torch.cumsum(evals_desc, 0) / total
+    return int(torch.searchsorted(kept, torch.tensor([energy - 1e-12], dtype=kept.dtype)).item()) + 1
+
+
+def fit_from_covariance(
+    mean_C: torch.Tensor, cov_CC: torch.Tensor, components: int = 0, *, energy: float = 0.0
+) -> Projection:
+    """Top-k eigenvectors of a symmetric covariance (float64, CPU), largest eigenvalue first, sign-normalised;
+    k = ``components``, or with ``energy`` > 0 the fewest that keep that fraction of the variance."""
     channels = cov_CC.shape[0]
-    if not 1 <= components <= channels:
-        raise BankError(f"projection: k={components} components for {channels} channels (need 1..{channels})")
     evals, evecs = torch.linalg.eigh(cov_CC.to(torch.float64).cpu())  # ascending
     order = torch.argsort(evals, descending=True, stable=True)
-    evals, basis_KC = evals[order].clamp_min(0.0), evecs[:, order].T[:components].clone()
+    evals = evals[order].clamp_min(0.0)
+    if energy > 0:
+        components = min(components_for_energy(evals, energy), channels)
+    if not 1 <= components <= channels:
+        raise BankError(f"projection: k={components} components for {channels} channels (need 1..{channels})")
+    basis_KC = evecs[:, order].T[:components].clone()
     peak = basis_KC.abs().argmax(dim=1)
     signs = torch.sign(basis_KC[torch.arange(components), peak])
     basis_KC *= torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
@@ -142,11 +160,13 @@ def energy_curve(mean_C: torch.Tensor, cov_CC: torch.Tensor) -> np.ndarray:
 
 # ---- the spec ------------------------------------------------------------------------------------------------
 def check_projection_config(cfg: Any, levels: list[LevelSpec]) -> None:
-    """``bank.projection`` names known levels and 0 <= k <= C for each; else one :class:`BankError` line."""
+    """``bank.projection`` / ``bank.projection_energy`` name known levels and 0 <= k <= C for each; else one
+    :class:`BankError` line."""
     names = {lv.name: lv for lv in levels}
-    unknown = sorted(set(cfg.projection) - set(names))
-    if unknown:
-        raise BankError(f"bank.projection names unknown levels {unknown}; levels: {list(names)}")
+    for key, chosen in (("projection", cfg.projection), ("projection_energy", cfg.projection_energy)):
+        unknown = sorted(set(chosen) - set(names))
+        if unknown:
+            raise BankError(f"bank.{key} names unknown levels {unknown}; levels: {list(names)}")
     too_many = {n: k for n, k in cfg.projection.items() if not 0 <= k <= names[n].channels}
     if too_many:
         raise BankError(
@@ -160,13 +180,33 @@ def projected_levels(cfg: Any) -> dict[str, int]:
     return {name: int(k) for name, k in sorted(cfg.projection.items()) if k > 0}
 
 
-def with_projections(spec: Any, projections: dict[str, Projection], *, images: int) -> Any:
+def energy_levels(cfg: Any) -> dict[str, float]:
+    """Levels ``bank.projection_energy`` projects, with the fraction of the variance their k must keep."""
+    return {name: float(e) for name, e in sorted(cfg.projection_energy.items())}
+
+
+def fit_record(cfg: Any) -> dict[str, Any]:
+    """``BankSpec.projection_fit`` of a bank built with ``cfg`` (in the fingerprint): the rule, the sample size
+    and, when any level's k is chosen by energy, those targets."""
+    record: dict[str, Any] = {"rule": FIT_RULE, "images": int(cfg.projection_images)}
+    if energy_levels(cfg):
+        record["energy"] = energy_levels(cfg)
+    return record
+
+
+def with_projections(
+    spec: Any, projections: dict[str, Projection], *, images: int, energy: dict[str, float] | None = None
+) -> Any:
     """``spec`` with the projected levels' ``components`` and ``basis_sha256`` and the fit's settings recorded
-    (all part of the fingerprint); ``images`` = the fit's sample size (``bank.projection_images``)."""
+    (all part of the fingerprint); ``images`` = the fit's sample size (``bank.projection_images``), ``energy`` the
+    levels whose k the fit chose (``bank.projection_energy``)."""
     import dataclasses
 
     if not projections:
         return spec
+    fit = {"rule": FIT_RULE, "images": int(images)}
+    if energy:
+        fit["energy"] = {name: float(e) for name, e in sorted(energy.items())}
     levels = [
         dataclasses.replace(
             lv, components=projections[lv.name].components, basis_sha256=projections[lv.name].sha256()
@@ -175,7 +215,7 @@ def with_projections(spec: Any, projections: dict[str, Projection], *, images: i
         else lv
         for lv in spec.levels
     ]
-    return dataclasses.replace(spec, levels=levels, projection_fit={"rule": FIT_RULE, "images": int(images)})
+    return dataclasses.replace(spec, levels=levels, projection_fit=fit)
 
 
 def stored_projections(path: Path, draft: Any, cfg: Any) -> dict[str, Projection] | None:
@@ -192,10 +232,11 @@ def stored_projections(path: Path, draft: Any, cfg: Any) -> dict[str, Projection
         existing = BankSpec.from_dict(read_bank_attrs(Path(path))["spec"])
     except (BankError, TypeError, KeyError):
         return None  # not a bank create() can resume: it decides (refuse, or overwrite)
-    wanted = projected_levels(cfg)
+    chosen = {lv.name: lv.components for lv in existing.levels if lv.components}
     if (
-        {lv.name: lv.components for lv in existing.levels if lv.components} != wanted
-        or existing.projection_fit != {"rule": FIT_RULE, "images": cfg.projection_images}
+        {name: k for name, k in chosen.items() if name not in energy_levels(cfg)} != projected_levels(cfg)
+        or not set(energy_levels(cfg)) <= set(chosen)
+        or existing.projection_fit != fit_record(cfg)
         or without_projections(existing).fingerprint() != draft.fingerprint()
     ):
         return None

@@ -827,7 +827,11 @@ def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
         "pixels": cfg.pixels,
         "pixel_compressor": cfg.pixel_compressor,
         **{f"levels.{lv.name}.codec": cfg.level_codecs.get(lv.name, cfg.codec) for lv in spec.levels},
-        **{f"levels.{lv.name}.components": cfg.projection.get(lv.name, 0) for lv in spec.levels},
+        **{
+            f"levels.{lv.name}.components": cfg.projection.get(lv.name, 0)
+            for lv in spec.levels
+            if lv.name not in cfg.projection_energy  # k chosen by the fit: checked through projection_fit
+        },
     }
     if any(lv.codec == "int4" for lv in spec.levels):
         expected["int4_group"] = cfg.int4_group
@@ -838,13 +842,23 @@ def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
         "pixels": spec.pixels,
         "pixel_compressor": spec.pixel_compressor,
         **{f"levels.{lv.name}.codec": lv.codec for lv in spec.levels},
-        **{f"levels.{lv.name}.components": lv.components for lv in spec.levels},
+        **{
+            f"levels.{lv.name}.components": lv.components
+            for lv in spec.levels
+            if lv.name not in cfg.projection_energy
+        },
     }
     if any(lv.codec == "int4" for lv in spec.levels):
         actual["int4_group"] = spec.int4_group
     if spec.projection_fit:
         expected["projection_images"] = cfg.projection_images
         actual["projection_images"] = spec.projection_fit.get("images")
+    if cfg.projection_energy or spec.projection_fit.get("energy"):
+        expected["projection_energy"] = {n: float(e) for n, e in sorted(cfg.projection_energy.items())}
+        actual["projection_energy"] = spec.projection_fit.get("energy", {})
+        unfitted = sorted(n for n in cfg.projection_energy if not spec.level(n).components)
+        if unfitted:
+            actual["projection_energy"] = f"levels {unfitted} not fitted"
     diff = [
         f"{k}: spec {actual[k]!r}, bank config {expected[k]!r}" for k in expected if expected[k] != actual[k]
     ]

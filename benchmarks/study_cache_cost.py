@@ -58,8 +58,11 @@ class Variant:
 
 
 BANK_BASE = ("encode.flips=both", "encode.store=draws", "bank.codec=fp16", "bank.pixels=rows",
-             "bank.pixel_compressor=none", "bank.projection={}")  # fmt: skip
+             "bank.pixel_compressor=none", "bank.projection={}", "bank.projection_energy={}")  # fmt: skip
 """Every bank setting a variant may change, pinned, so that the variants do not move with pipeline.yaml's defaults."""
+COMPACT = ("encode.draws=4", "encode.store=mean", "bank.codec=int4", "bank.pixels=image",
+           "bank.pixel_compressor=zstd")  # fmt: skip
+"""The shipped defaults' storage (pipeline.yaml): the base of the compact grid's PCA variants."""
 VARIANTS = {
     v.name: v
     for v in [
@@ -113,6 +116,21 @@ VARIANTS = {
                 "bank.pixel_compressor=zstd",
             ),
         ),
+        Variant(
+            "compact-pca-half",
+            "mean of 4, int4 + PCA k=C/2 per level, pixels once (zstd)",
+            (*COMPACT, "bank.projection={s4: 16, s8: 16, s16: 32, s32: 64}"),
+        ),
+        Variant(
+            "compact-pca99",
+            "mean of 4, int4 + PCA keeping 99% of the variance per level, pixels once (zstd)",
+            (*COMPACT, "bank.projection_energy={s4: 0.99, s8: 0.99, s16: 0.99, s32: 0.99}"),
+        ),
+        Variant(
+            "compact-pca95",
+            "mean of 4, int4 + PCA keeping 95% of the variance per level, pixels once (zstd)",
+            (*COMPACT, "bank.projection_energy={s4: 0.95, s8: 0.95, s16: 0.95, s32: 0.95}"),
+        ),
     ]
 }
 
@@ -138,6 +156,10 @@ GRIDS = {
                            "compact", "pca")),
     "quick": Grid(images=200, heldout=16, eval_draws=8, seeds=(0, 1), distill_steps=80, finetune_iters=60,
                   variants=("online", "k1", "k4", "mean4", "mirror", "int4", "compact")),
+    # issue 13: PCA on top of the shipped defaults, 5 seeds, against fresh online and the fp16 bank (~35 min)
+    "compact": Grid(images=1000, heldout=64, eval_draws=16, seeds=(0, 1, 2, 3, 4), distill_steps=150,
+                    finetune_iters=100, variants=("online", "k1", "compact", "compact-pca-half", "compact-pca99",
+                                                  "compact-pca95")),
     # seconds on a CPU: the whole script on toy sizes (tests/test_study.py)
     "debug": Grid(images=40, heldout=2, eval_draws=2, seeds=(0, 1), distill_steps=2, finetune_iters=2,
                   variants=("online", "k1", "mean4", "mirror"), images_per_shard=8),
@@ -340,12 +362,13 @@ def summarise(plan: StudyPlan, banks: dict, results: dict) -> list[dict[str, Any
             row[metric] = mean_ci([r["fidelity"][metric] for r in per_seed.values()])
         row["floor_mse"] = statistics.fmean(r["fidelity"]["floor_mse"] for r in per_seed.values())
         row["mIoU"] = mean_ci([r["mIoU"] for r in per_seed.values()])
-        if "online" in plan.grid.variants:
-            ref = {s: results[("online", s)] for s in seeds}
-            row["d_mse"] = mean_ci(
-                [per_seed[s]["fidelity"]["mse"] - ref[s]["fidelity"]["mse"] for s in seeds]
-            )
-            row["d_mIoU"] = mean_ci([per_seed[s]["mIoU"] - ref[s]["mIoU"] for s in seeds])
+        for ref_name, suffix in (("online", ""), ("k1", "_fp16")):  # vs fresh online; vs the K=1 fp16 bank
+            if ref_name in plan.grid.variants:
+                ref = {s: results[(ref_name, s)] for s in seeds}
+                row["d_mse" + suffix] = mean_ci(
+                    [per_seed[s]["fidelity"]["mse"] - ref[s]["fidelity"]["mse"] for s in seeds]
+                )
+                row["d_mIoU" + suffix] = mean_ci([per_seed[s]["mIoU"] - ref[s]["mIoU"] for s in seeds])
         rows.append(row)
     return rows
 
@@ -512,6 +535,7 @@ def write_report(
         "time (in-process, 2 threads, after a warm-up encode) / images. Distill s / step: the runs' own step time, "
         "measured with the runs side by side as stated above.",
         "",
+        *fp16_lines(rows),
         "Held-out mse per level (Δ vs fresh online, mean ± 95% interval):",
         "",
         format_level_table(rows, plan, grid),
@@ -530,6 +554,20 @@ def write_report(
         FINDINGS_MARKER,
     ]  # fmt: skip
     atomic_write_text(out_file, "\n".join(lines) + (kept or "\n"))
+
+
+def fp16_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The paired differences against the K=1 fp16 bank (the issue's "within the noise of an fp16 bank"), when
+    the grid has it."""
+    paired = [r for r in rows if "d_mse_fp16" in r and r["variant"] not in ("k1", "online")]
+    if not paired:
+        return []
+    lines = ["Paired against the K=1 fp16 bank (variant - K=1 fp16 per seed, mean ± 95% interval):", "",
+             "| variant | bank bytes / image | Δmse vs fp16 bank | ΔmIoU vs fp16 bank |", "|---|---|---|---|"]  # fmt: skip
+    for r in paired:
+        lines.append(f"| {r['label']} | {r['bytes_per_image'] / 1e3:,.1f} kB | {_pm(r['d_mse_fp16'], 4, True)} | "
+                     f"{_pm(r['d_mIoU_fp16'], 2, True)} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def format_level_table(rows: list[dict[str, Any]], plan: StudyPlan, grid: Grid) -> str:
@@ -551,7 +589,10 @@ def format_level_table(rows: list[dict[str, Any]], plan: StudyPlan, grid: Grid) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--grid", choices=list(GRIDS), default="full", help="full (~1 h), quick (~10 min), debug"
+        "--grid",
+        choices=list(GRIDS),
+        default="full",
+        help="full (~1 h), quick (~10 min), compact (PCA on the defaults, 5 seeds, ~35 min), debug",
     )
     parser.add_argument(
         "--quick",
@@ -561,7 +602,9 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "pipeline.yaml"))
     parser.add_argument("--out", default="", help="default runs/study/<grid>")
     parser.add_argument(
-        "--report", default="", help="default docs/cache-cost.md (full), <out>/cache-cost.md (quick)"
+        "--report",
+        default="",
+        help="default docs/cache-cost.md (full), docs/cache-cost-compact.md (compact), else <out>/cache-cost.md",
     )
     parser.add_argument(
         "--workers", type=int, default=0, help="runs at once; 0 = one per core on CPU, 1 on GPU"
@@ -575,7 +618,8 @@ def main() -> None:
     grid_name = "quick" if args.quick else args.grid
     grid = GRIDS[grid_name]
     out = Path(args.out or f"runs/study/{grid_name}").resolve()
-    report = Path(args.report) if args.report else (REPO / "docs" / "cache-cost.md" if grid_name == "full"
+    in_docs = {"full": "cache-cost.md", "compact": "cache-cost-compact.md"}
+    report = Path(args.report) if args.report else (REPO / "docs" / in_docs[grid_name] if grid_name in in_docs
                                                     else out / "cache-cost.md")  # fmt: skip
     cfg = load_pipeline(args.config, args.overrides)
     progress = not args.no_progress

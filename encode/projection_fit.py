@@ -20,6 +20,7 @@ from bank.config import BankConfig
 from bank.projection import (
     CovarianceAccumulator,
     Projection,
+    energy_levels,
     projected_levels,
     sample_indices,
     stored_projections,
@@ -33,10 +34,12 @@ log = logging.getLogger(__name__)
 
 
 def fit_projections(plan, cfg: BankConfig) -> tuple[dict[str, Projection], dict[str, float]]:
-    """Fit every level ``cfg.projection`` projects on ``cfg.projection_images`` images of ``plan``; returns the
-    bases and the fit's timing / sample counts (``seconds``, ``images``, ``views``)."""
+    """Fit every level ``cfg.projection`` / ``cfg.projection_energy`` projects on ``cfg.projection_images``
+    images of ``plan``; returns the bases and the fit's timing / sample counts (``seconds``, ``images``,
+    ``views``)."""
     start = time.perf_counter()
-    wanted = projected_levels(cfg)
+    fixed, energy = projected_levels(cfg), energy_levels(cfg)
+    wanted = sorted([*fixed, *energy])
     spec: BankSpec = plan.spec
     records = [plan.records[i] for i in sample_indices(spec.num_images, cfg.projection_images)]
     enc = plan.settings.encode
@@ -76,7 +79,9 @@ def fit_projections(plan, cfg: BankConfig) -> tuple[dict[str, Projection], dict[
         raise BankError(
             f"bank.projection: none of the {len(records)} sample images could be decoded; check the dataset"
         )
-    projections = {name: acc.fit(wanted[name]) for name, acc in accumulators.items()}
+    projections = {
+        name: acc.fit(fixed.get(name, 0), energy=energy.get(name, 0.0)) for name, acc in accumulators.items()
+    }
     return projections, {"seconds": time.perf_counter() - start, "images": len(records), "views": views}
 
 
@@ -86,7 +91,7 @@ def projections_for(
     """The spec with its projections and their bases: the bank's stored ones on resume, else a fresh fit (in this
     process; with ``overwrite`` also when the stored ones are damaged). Returns (spec, bases, a record for the
     encode summary)."""
-    if not projected_levels(cfg):
+    if not projected_levels(cfg) and not energy_levels(cfg):
         return plan.spec, {}, {}
     if synthesizes(plan.settings.teacher):
         raise BankError(
@@ -105,7 +110,7 @@ def projections_for(
         projections, record = fit_projections(plan, cfg)
         if use_dask:  # the workers load their own teachers: do not hold a second copy on a GPU meanwhile
             clear_caches()
-    spec = with_projections(plan.spec, projections, images=cfg.projection_images)
+    spec = with_projections(plan.spec, projections, images=cfg.projection_images, energy=energy_levels(cfg))
     record["levels"] = {
         name: {"k": p.components, "channels": p.channels, "energy": p.energy}
         for name, p in projections.items()

@@ -73,6 +73,28 @@ def test_energy_kept_by_hand() -> None:
     assert acc.fit(2).energy == pytest.approx(1.0)
 
 
+def test_energy_target_picks_the_fewest_components_by_hand() -> None:
+    # three channels with variances 6, 3, 1 (independent, mean 0): energy kept by k = 1, 2, 3 is 0.6, 0.9, 1.0
+    x = torch.tensor([[6.0**0.5, -(6.0**0.5), 0, 0, 0, 0], [0, 0, 3.0**0.5, -(3.0**0.5), 0, 0],
+                      [0, 0, 0, 0, 1.0, -1.0]]) * 6**0.5  # fmt: skip
+    acc = CovarianceAccumulator()
+    acc.add(x.reshape(1, 3, 2, 3))
+    for target, k in [(0.5, 1), (0.6, 1), (0.61, 2), (0.9, 2), (0.95, 3), (1.0, 3)]:
+        proj = acc.fit(energy=target)
+        assert proj.components == k, (target, proj.components)
+        assert proj.energy >= target - 1e-9
+    assert acc.fit(energy=0.9).energy == pytest.approx(0.9)
+
+
+def test_energy_config_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"projection_energy=\{'s4': 1.5\}: a fraction"):
+        BankConfig(projection_energy={"s4": 1.5})
+    with pytest.raises(ValueError, match=r"levels \['s4'\] are in both projection and projection_energy"):
+        BankConfig(projection={"s4": 4}, projection_energy={"s4": 0.9})
+    with pytest.raises(BankError, match=r"bank.projection_energy names unknown levels \['s3'\]"):
+        make_spec(BankConfig(shard_rows=4, projection_energy={"s3": 0.9}))
+
+
 def test_sample_is_evenly_spaced_and_bounded() -> None:
     assert sample_indices(10, 4) == [1, 3, 6, 8]
     assert sample_indices(3, 256) == [0, 1, 2]
@@ -260,6 +282,26 @@ def test_dask_encode_fits_in_the_driver_and_writes_the_same_bytes(assets: Path) 
     summary = run_encode(resolve(cfg, "encode"), use_dask=True, progress=False)
     assert summary.shards_encoded == summary.shards_total and not summary.projection.get("reused")
     assert bank_files(with_dask) == bank_files(reference)
+
+
+def test_energy_chosen_k_is_the_fewest_that_keep_it_recorded_resumed_and_refused_when_changed(
+    assets: Path,
+) -> None:
+    bank = assets / "energy.zarr"
+    extra = ("bank.projection={s8: 8}", "bank.projection_energy={s4: 0.9}")
+    summary = encode(assets, bank, *extra)
+    opened = Bank.open(bank)
+    k = opened.spec.level("s4").components
+    assert 1 < k < 16 and summary.projection["levels"]["s4"]["energy"] >= 0.9
+    # fewest: the same sample fitted with a fixed k - 1 (the fixed-k path) keeps less than 0.9
+    fewer = encode(assets, assets / "energy-fewer.zarr", f"bank.projection={{s8: 8, s4: {k - 1}}}")
+    assert fewer.projection["levels"]["s4"]["energy"] < 0.9
+    assert opened.spec.projection_fit == {"rule": "pca-v1", "images": 4, "energy": {"s4": 0.9}}
+    assert opened.spec.level("s8").components == 8
+    # a re-run reuses the bases; another energy is another bank, refused with the difference named
+    assert encode(assets, bank, *extra).projection.get("reused")
+    with pytest.raises(BankError, match="projection_fit.energy"):
+        encode(assets, bank, "bank.projection={s8: 8}", "bank.projection_energy={s4: 0.99}")
 
 
 def test_a_changed_basis_is_refused_on_open_and_on_resume(assets: Path) -> None:

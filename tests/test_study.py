@@ -51,6 +51,24 @@ def test_within_noise_and_the_pareto_front(study) -> None:
     assert study.pareto(rows) == ["worse", "blunt", "big"]
 
 
+def test_variants_pair_with_online_and_with_the_fp16_bank_by_seed(study, tmp_path) -> None:
+    grid = study.Grid(images=4, heldout=1, eval_draws=1, seeds=(0, 1), distill_steps=1, finetune_iters=1,
+                      variants=("online", "k1", "int4"))  # fmt: skip
+    plan = study.StudyPlan(out=tmp_path, grid=grid, banks={}, jobs={}, heldout=tmp_path)
+    mse = {("online", 0): 0.50, ("online", 1): 0.60, ("k1", 0): 0.52, ("k1", 1): 0.61, ("int4", 0): 0.55,
+           ("int4", 1): 0.62}  # fmt: skip
+    miou = {("online", 0): 60.0, ("online", 1): 58.0, ("k1", 0): 59.0, ("k1", 1): 58.5, ("int4", 0): 57.0,
+            ("int4", 1): 59.5}  # fmt: skip
+    results = {key: {"step_s": 1.0, "mIoU": miou[key], "fidelity": {"mse": m, "cos": 0.5, "at": 0.1,
+               "floor_mse": 0.02}} for key, m in mse.items()}  # fmt: skip
+    banks = {name: {"bytes_per_image": 10.0, "encode_s_per_image": 0.01} for name in ("k1", "int4")}
+    int4 = study.summarise(plan, banks, results)[2]
+    assert int4["d_mse"]["values"] == pytest.approx([0.05, 0.02])  # - online, per seed
+    assert int4["d_mse_fp16"]["values"] == pytest.approx([0.03, 0.01])  # - K=1 fp16, per seed
+    assert int4["d_mIoU_fp16"]["values"] == pytest.approx([-2.0, 1.0])
+    assert "| K=1 int4 | 0.0 kB | +0.0200 ± 0.1271 | -0.50 ± 19.06 |" in "\n".join(study.fp16_lines([int4]))
+
+
 def test_every_grid_plans_valid_stage_configs(study, tmp_path) -> None:
     from dreamteacher.schema import load_pipeline
 
