@@ -105,7 +105,8 @@ bench-bank: $(STAMP)
 bench-distill: $(STAMP)
 	$(PY) benchmarks/bench_distill.py $(ARGS)
 
-# The cache-cost study (docs/cache-cost.md): about an hour on 2 CPU cores; ARGS=--quick for the ~10-minute grid.
+# The cache-cost study (docs/cache-cost.md): about an hour on 2 CPU cores; ARGS=--quick for the ~10-minute grid,
+# ARGS=--grid=compact for PCA on top of the shipped defaults (5 seeds, ~26 min; docs/cache-cost-compact.md).
 study: $(STAMP)
 	$(PY) benchmarks/study_cache_cost.py $(ARGS)
 

@@ -629,7 +629,7 @@ def main() -> None:
     from sources.datasets import ensure_available
 
     for name in ("demo", "demo-fewshot"):
-        ensure_available(name, cfg.dataset(name))
+        ensure_available(name, cfg.dataset(name), progress=progress)
     write_heldout(plan.heldout, grid.heldout)
     # 1. banks
     tick = time.perf_counter()
