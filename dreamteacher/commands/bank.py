@@ -10,6 +10,9 @@ from pathlib import Path
 
 import click
 
+ATTR_WIDTH = 160
+"""Characters of a provenance record ``bank info`` prints on its line (a teacher's identity runs to thousands)."""
+
 
 @click.group()
 def bank() -> None:
@@ -35,12 +38,18 @@ def info(path: str, as_json: bool) -> None:
     click.echo(f"bank        {path}  (format v{b.attrs['format_version']}, fingerprint {b.fingerprint[:16]})")
     click.echo(f"side files  {b.side}")
     if b.chunk_checksums:
-        click.echo("checksums   crc32c per chunk, checked on every read; per-row arrays checked at open")
+        click.echo(
+            "checksums   crc32c per chunk, checked when read (tools: every read; training: a chunk's first read "
+            "in each worker, distill.verify_chunks); per-row arrays checked at open"
+        )
     else:
         click.echo(f"checksums   NONE per chunk: {NO_CHUNK_CHECKSUMS}")
     click.echo(f"created     {b.attrs['created']}  libraries {b.attrs['library_versions']}")
-    for key in sorted(spec.attributes):
-        click.echo(f"{key:<11} {json.dumps(spec.attributes[key], sort_keys=True)}")
+    for key in sorted(spec.attributes):  # provenance: a long record is cut (all of it: bank info --json)
+        value = json.dumps(spec.attributes[key], sort_keys=True)
+        click.echo(
+            f"{key:<11} {value if len(value) <= ATTR_WIDTH else value[:ATTR_WIDTH] + ' ... (--json: all)'}"
+        )
     click.echo(
         f"rows        {spec.num_rows} = {spec.num_images} images x {spec.draws} draws x {spec.flips} flips; "
         f"{len(b.markers)}/{spec.num_shards} shards written ({spec.shard_rows} rows each), {int(b.ok.sum())} rows OK"
