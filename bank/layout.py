@@ -992,12 +992,13 @@ class ShardFile:
                 if got != (k - start) * stored:
                     self._mis_sized(rows[plain[start][1]], got, (k - start) * stored)
                 start = k
-            for i, (_offset, j) in enumerate(plain):
-                if (
-                    self._needs_check(rows[j])
-                    and _crc32c_bytes(out_bytes[outs[j]]) != crcs[4 * i : 4 * i + 4]
-                ):
-                    self._corrupt(rows[j])
+            if self.check == "always" or (self.check == "first" and not all(self._checked)):
+                for i, (_offset, j) in enumerate(plain):
+                    if (
+                        self._needs_check(rows[j])
+                        and _crc32c_bytes(out_bytes[outs[j]]) != crcs[4 * i : 4 * i + 4]
+                    ):
+                        self._corrupt(rows[j])
         # 3. compressed (or mis-sized) chunks: read, check, decode, copy
         for j in other:
             local = rows[j]
