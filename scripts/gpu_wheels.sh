@@ -12,7 +12,7 @@ rm -rf "$DEST" && mkdir -p "$DEST"
   --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any \
   'diffusers>=0.35.2' 'zarr>=3.1.6' 'numcodecs>=0.16.1' 'google-crc32c>=1.5' 'crc32c>=2.7' 'webdataset>=0.2.96' \
-  'braceexpand>=0.1.7' 'dask[distributed]>=2024.1' 'pycocotools>=2.0.8' 'click>=8.1' 'pytest>=8' \
+  'braceexpand>=0.1.7' 'dask[distributed]>=2024.1' 'pycocotools>=2.0.8' 'click>=8.4.2' 'pytest>=8' \
   'numpy>=2.0'
 # Provided by torch / torchvision / timm / tensorboard on the GPU machine (gpu-check checks they import).
 for pkg in numpy pillow pyyaml huggingface_hub hf_xet filelock fsspec packaging typing_extensions tqdm requests \
