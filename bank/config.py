@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 CodecName = Literal["fp16", "int8", "bitround", "int4", "fp8"]
+ChunkCheck = Literal["always", "first", "never"]
+"""When a reader checks a stored chunk's crc32c (format v2): ``always`` on every read; ``first`` the first time
+this process reads the chunk (its later reads trust the bytes checked then: the check is a second pass over every
+byte, the reader's largest cost after the copy itself, docs/benchmarks.md); ``never``."""
+CHUNK_CHECKS: tuple[str, ...] = get_args(ChunkCheck)
 
 
 @dataclass(kw_only=True)

@@ -22,7 +22,8 @@ import torch
 import torch.utils.data
 
 from bank.codecs import CODECS, Codec
-from bank.layout import ChunkCheck, split_views
+from bank.config import ChunkCheck
+from bank.layout import split_views
 from bank.projection import Projection
 from bank.reader import Bank, BankFormatWarning
 from bank.sampler import EpochSampler

@@ -30,11 +30,10 @@ import socket
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import crc32c
 import numpy as np
@@ -42,6 +41,7 @@ import zarr
 import zarr.codecs
 
 from bank.codecs import codec_for, get_compressor
+from bank.config import ChunkCheck
 from bank.spec import (
     FORMAT_VERSION,
     KEY_BYTES,
@@ -60,12 +60,6 @@ SIDE_SUFFIX = ".side"
 """Version >= 2: side files live in ``<bank path><SIDE_SUFFIX>`` (e.g. ``banks/demo.zarr.side``)."""
 CHUNK_CRC_BYTES = 4
 """Version >= 2: bytes of the crc32c that follows every stored chunk."""
-
-ChunkCheck = Literal["always", "first", "never"]
-"""When a reader checks a stored chunk's crc32c (format v2): ``always`` on every read; ``first`` the first time
-this process reads the chunk (its later reads trust the bytes checked then: the check is a second pass over every
-byte, the reader's largest cost after the copy itself, docs/benchmarks.md); ``never``."""
-CHUNK_CHECKS: tuple[str, ...] = ("always", "first", "never")
 
 _ABSENT = np.uint64(2**64 - 1)
 _ABSENT_INT = 2**64 - 1
@@ -828,7 +822,9 @@ class ShardFile:
     (format version >= 2) each chunk's trailing crc32c is scattered into a small side buffer by the same
     ``preadv`` and compared with the crc32c of the bytes read as ``check`` says (:data:`ChunkCheck`); ``checked``
     (one byte per chunk of this shard, kept by the caller across re-opens) records the chunks this process has
-    checked, for ``check="first"``.
+    checked, for ``check="first"``. A small file is read whole at open (:data:`SMALL_SHARD_FILE`); its bytes do
+    not come from the file again until it is re-opened, so under ``always`` each of its chunks is checked once per
+    open.
     """
 
     def __init__(
@@ -844,8 +840,6 @@ class ShardFile:
         shard: int = -1,
         root: Path | None = None,
     ) -> None:
-        if check not in CHUNK_CHECKS:
-            raise ValueError(f"check={check!r}: one of {', '.join(CHUNK_CHECKS)}")
         self.adef, self.decoder, self.path = adef, decoder, path
         self.shard, self.root, self.shard_rows = shard, root, shard_rows
         self.checksum = checksum
@@ -871,11 +865,10 @@ class ShardFile:
         self._sizes: list[int] = self.index[:, 1].tolist()
         self._table: np.ndarray | None = None
         """A small file's stored chunks, ``(present, stored bytes)``, read whole at open."""
-        self._table_checked = self._checked if self.check == "first" else bytearray(shard_rows)
-        """Chunks of :attr:`_table` checked: each is checked when first used, under ``always`` too (its bytes
-        do not come from the file again until the file is re-opened)."""
         if decoder is None and size <= SMALL_SHARD_FILE:
             self._table = self._read_whole()
+        if self._table is not None and self.check == "always":  # once per open: see the class docstring
+            self.check, self._checked = "first", bytearray(shard_rows)
 
     def _read_whole(self) -> np.ndarray | None:
         """A file whose chunks are stored raw, back to back from offset 0 in slot order (what the writer writes;
@@ -892,7 +885,6 @@ class ShardFile:
         if len(data) != present * stored:
             self._mis_sized(len(data) // stored, len(data) % stored, stored)
         self.close()  # every byte the file can give is in memory
-        self._table_unchecked = sum(1 for local in range(present) if not self._table_checked[local])
         return np.frombuffer(data, dtype=np.uint8).reshape(present, stored)
 
     def _hint(self) -> str:
@@ -917,19 +909,24 @@ class ShardFile:
         table, row_nbytes = self._table, self.adef.row_nbytes
         assert table is not None
         present = len(table)
-        if self.check != "never" and self._table_unchecked:
-            checked = self._table_checked
+        if self._checking():
             for local in rows:
-                if local < present and not checked[local]:
-                    if _crc32c_bytes(table[local, :row_nbytes]) != table[local, row_nbytes:].tobytes():
-                        self._corrupt(local)
-                    checked[local] = 1
-                    self._table_unchecked -= 1
+                if (
+                    local < present
+                    and self._needs_check(local)
+                    and _crc32c_bytes(table[local, :row_nbytes]) != table[local, row_nbytes:].tobytes()
+                ):
+                    self._corrupt(local)
         if present == self.shard_rows:  # no absent chunk (every shard but a short last one)
             out_bytes[outs] = table[rows, :row_nbytes]
             return
         for local, slot in zip(rows, outs, strict=True):
             out_bytes[slot] = table[local, :row_nbytes] if local < present else 0  # absent: the fill value
+
+    def _checking(self) -> bool:
+        """Whether this read may check a chunk at all: not under ``never``, nor under ``first`` once every chunk
+        of the file is checked (the steady state of training, so its read skips the per-chunk loop)."""
+        return self.check == "always" or (self.check == "first" and not all(self._checked))
 
     def _needs_check(self, local: int) -> bool:
         """Whether chunk ``local`` is checked on this read (and, for ``check="first"``, mark it checked)."""
@@ -938,26 +935,16 @@ class ShardFile:
         self._checked[local] = 1  # a failed check raises: nothing reads the chunk as checked afterwards
         return True
 
-    def read_into(
-        self,
-        local_rows: Sequence[int] | np.ndarray,
-        out_bytes: np.ndarray,
-        slots: Sequence[int] | np.ndarray | None = None,
-    ) -> None:
-        """Copy rows ``local_rows`` (positions inside the shard) into ``out_bytes[slots[j]]``.
+    def read_into(self, rows: list[int], out_bytes: np.ndarray, outs: list[int]) -> None:
+        """Copy chunks ``rows`` (positions inside the shard) into ``out_bytes[outs[j]]``.
 
-        ``out_bytes``: (n, row_nbytes) uint8 rows of a C-contiguous buffer; ``slots`` defaults to ``0..len-1``.
-        Plain Python over the few rows of a batch, on lists made at open: numpy's per-call overhead (a dozen
-        small calls per array and shard) was 30 % of an int4 batch's read in the profile.
+        ``out_bytes``: (n, row_nbytes) uint8 rows of a C-contiguous buffer. Plain Python over the few rows of a
+        batch, on lists (the caller's, made once for every array; the index's, made at open): numpy's per-call
+        overhead (a dozen small calls per array and shard) was 30 % of an int4 batch's read in the profile.
         """
         row_nbytes = self.adef.row_nbytes
         trailer = CHUNK_CRC_BYTES if self.checksum else 0
         stored = row_nbytes + trailer
-        rows = local_rows if isinstance(local_rows, list) else np.asarray(local_rows, dtype=np.int64).tolist()
-        if slots is None:
-            outs = list(range(len(rows)))
-        else:
-            outs = slots if isinstance(slots, list) else np.asarray(slots, dtype=np.int64).tolist()
         if self._table is not None:  # a small file, in memory since open: one gather
             self._read_from_table(rows, out_bytes, outs)
             return
@@ -992,7 +979,7 @@ class ShardFile:
                 if got != (k - start) * stored:
                     self._mis_sized(rows[plain[start][1]], got, (k - start) * stored)
                 start = k
-            if self.check == "always" or (self.check == "first" and not all(self._checked)):
+            if self._checking():
                 for i, (_offset, j) in enumerate(plain):
                     if (
                         self._needs_check(rows[j])

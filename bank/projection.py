@@ -185,12 +185,12 @@ def energy_levels(cfg: Any) -> dict[str, float]:
     return {name: float(e) for name, e in sorted(cfg.projection_energy.items())}
 
 
-def fit_record(cfg: Any) -> dict[str, Any]:
-    """``BankSpec.projection_fit`` of a bank built with ``cfg`` (in the fingerprint): the rule, the sample size
-    and, when any level's k is chosen by energy, those targets."""
-    record: dict[str, Any] = {"rule": FIT_RULE, "images": int(cfg.projection_images)}
-    if energy_levels(cfg):
-        record["energy"] = energy_levels(cfg)
+def fit_record(images: int, energy: dict[str, float] | None = None) -> dict[str, Any]:
+    """``BankSpec.projection_fit`` (in the fingerprint): the rule, the sample size and, when any level's k is
+    chosen by energy (``bank.projection_energy``), those targets."""
+    record: dict[str, Any] = {"rule": FIT_RULE, "images": int(images)}
+    if energy:
+        record["energy"] = {name: float(e) for name, e in sorted(energy.items())}
     return record
 
 
@@ -204,9 +204,6 @@ def with_projections(
 
     if not projections:
         return spec
-    fit = {"rule": FIT_RULE, "images": int(images)}
-    if energy:
-        fit["energy"] = {name: float(e) for name, e in sorted(energy.items())}
     levels = [
         dataclasses.replace(
             lv, components=projections[lv.name].components, basis_sha256=projections[lv.name].sha256()
@@ -215,7 +212,7 @@ def with_projections(
         else lv
         for lv in spec.levels
     ]
-    return dataclasses.replace(spec, levels=levels, projection_fit=fit)
+    return dataclasses.replace(spec, levels=levels, projection_fit=fit_record(images, energy))
 
 
 def stored_projections(path: Path, draft: Any, cfg: Any) -> dict[str, Projection] | None:
@@ -236,7 +233,7 @@ def stored_projections(path: Path, draft: Any, cfg: Any) -> dict[str, Projection
     if (
         {name: k for name, k in chosen.items() if name not in energy_levels(cfg)} != projected_levels(cfg)
         or not set(energy_levels(cfg)) <= set(chosen)
-        or existing.projection_fit != fit_record(cfg)
+        or existing.projection_fit != fit_record(cfg.projection_images, energy_levels(cfg))
         or without_projections(existing).fingerprint() != draft.fingerprint()
     ):
         return None

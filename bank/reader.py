@@ -14,12 +14,11 @@ import numpy as np
 import zarr
 
 from bank.codecs import codec_for
+from bank.config import CHUNK_CHECKS, ChunkCheck
 from bank.labels import LabelsSpec, label_array_defs, read_label_marker, read_labels_attrs
 from bank.layout import (
-    CHUNK_CHECKS,
     SUMMARY_FILE,
     ArrayDef,
-    ChunkCheck,
     ShardFileCache,
     array_defs,
     check_arrays,

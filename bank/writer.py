@@ -64,7 +64,14 @@ from bank.layout import (
     write_raw_chunk,
     write_sharded_rows,
 )
-from bank.projection import Projection, check_projection_config, read_projections, write_projections
+from bank.projection import (
+    Projection,
+    check_projection_config,
+    energy_levels,
+    fit_record,
+    read_projections,
+    write_projections,
+)
 from bank.spec import (
     ROW_ARRAYS,
     SUPPORTED_FORMAT_VERSIONS,
@@ -819,6 +826,9 @@ def clean_orphans(path: Path) -> list[str]:
     return messages
 
 
+_FITTED = "chosen by the fit (bank.projection_energy)"
+
+
 def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
     expected = {
         "shard_rows": cfg.shard_rows,
@@ -828,9 +838,10 @@ def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
         "pixel_compressor": cfg.pixel_compressor,
         **{f"levels.{lv.name}.codec": cfg.level_codecs.get(lv.name, cfg.codec) for lv in spec.levels},
         **{
-            f"levels.{lv.name}.components": cfg.projection.get(lv.name, 0)
+            f"levels.{lv.name}.components": _FITTED
+            if lv.name in cfg.projection_energy
+            else cfg.projection.get(lv.name, 0)
             for lv in spec.levels
-            if lv.name not in cfg.projection_energy  # k chosen by the fit: checked through projection_fit
         },
     }
     if any(lv.codec == "int4" for lv in spec.levels):
@@ -843,22 +854,17 @@ def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
         "pixel_compressor": spec.pixel_compressor,
         **{f"levels.{lv.name}.codec": lv.codec for lv in spec.levels},
         **{
-            f"levels.{lv.name}.components": lv.components
+            f"levels.{lv.name}.components": _FITTED
+            if lv.name in cfg.projection_energy and lv.components
+            else lv.components
             for lv in spec.levels
-            if lv.name not in cfg.projection_energy
         },
     }
     if any(lv.codec == "int4" for lv in spec.levels):
         actual["int4_group"] = spec.int4_group
     if spec.projection_fit:
-        expected["projection_images"] = cfg.projection_images
-        actual["projection_images"] = spec.projection_fit.get("images")
-    if cfg.projection_energy or spec.projection_fit.get("energy"):
-        expected["projection_energy"] = {n: float(e) for n, e in sorted(cfg.projection_energy.items())}
-        actual["projection_energy"] = spec.projection_fit.get("energy", {})
-        unfitted = sorted(n for n in cfg.projection_energy if not spec.level(n).components)
-        if unfitted:
-            actual["projection_energy"] = f"levels {unfitted} not fitted"
+        expected["projection_fit"] = fit_record(cfg.projection_images, energy_levels(cfg))
+        actual["projection_fit"] = spec.projection_fit
     diff = [
         f"{k}: spec {actual[k]!r}, bank config {expected[k]!r}" for k in expected if expected[k] != actual[k]
     ]

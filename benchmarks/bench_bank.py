@@ -417,6 +417,35 @@ def _read_all(bank: Bank, batches: list[list[int]]) -> None:
         bank.read_rows(batch)
 
 
+def two_epochs(path: Path, batch: int) -> list[list[int]]:
+    """The sampler's batches (block-shuffled, one flip view per image) of two epochs of the bank at ``path``."""
+    sampler = EpochSampler(Bank.open(path), batch, seed=0, flip="random")
+    batches = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches.extend(sampler)
+    return batches
+
+
+CHECKS = ("always", "first", "never")
+
+
+def best_reads(
+    path: Path, spec: BankSpec, batches: list[list[int]], *, ceiling: bool, rounds: int = 5
+) -> dict[str, float]:
+    """Best seconds to read ``batches`` with each chunk-check policy (``first`` after its one checking pass) and,
+    with ``ceiling``, ceiling (a'); they alternate, ``rounds`` rounds, so that machine drift hits all alike."""
+    readers = {check: Bank.open(path, verify_chunks=check) for check in CHECKS}
+    _read_all(readers["first"], batches)  # its one pass that checks every chunk
+    best = dict.fromkeys([*readers, *(["ceiling"] if ceiling else [])], float("inf"))
+    for _ in range(rounds):
+        for check, reader in readers.items():
+            best[check] = min(best[check], timed(functools.partial(_read_all, reader, batches), 1))
+        if ceiling:
+            best["ceiling"] = min(best["ceiling"], same_rows_ceiling(path, spec, batches, 1, slots=True))
+    return best
+
+
 READER_CODEC_HEAD = [
     "| codec | MB/view | project reader views/s (crc32c on every read) | checked once per process, after one "
     "pass (training) | unchecked | ceiling (a') views/s | every read / (a') | once / (a') | unchecked / (a') |",
@@ -450,23 +479,13 @@ def reader_codec_table(
         writer = BankWriter.create(path, spec, cfg, projections=projections)
         for shard, shard_rows_ in bench_shards(spec, adm, images):
             writer.write_shard(shard, shard_rows_)
-        readers = {check: Bank.open(path, verify_chunks=check) for check in ("always", "first", "never")}
-        sampler = EpochSampler(readers["always"], batch, seed=0, flip="random")
-        batches = []
-        for epoch in range(2):
-            sampler.set_epoch(epoch)
-            batches.extend(sampler)
+        batches = two_epochs(path, batch)
         views = sum(len(b) for b in batches)
-        _read_all(readers["first"], batches)  # its one pass that checks every chunk
-        best = dict.fromkeys([*readers, "ceiling"], float("inf"))
-        for _ in range(5):
-            for check, reader in readers.items():
-                best[check] = min(best[check], timed(functools.partial(_read_all, reader, batches), 1))
-            best["ceiling"] = min(best["ceiling"], same_rows_ceiling(path, spec, batches, 1, slots=True))
+        best = best_reads(path, spec, batches, ceiling=True)
         view_mb = sum(d.row_nbytes for d in array_defs(spec) if d.sharded) / 1e6
         label = codec + "".join(f" + PCA {n} k={k}" for n, k in pca.items())
         rates = {name: f"{views / s:,.0f} ({views / s * view_mb / 1e3:.2f} GB/s)" for name, s in best.items()}
-        ratios = {name: best["ceiling"] / best[name] for name in readers}
+        ratios = {name: best["ceiling"] / best[name] for name in CHECKS}
         lines.append(
             f"| {label} | {view_mb:.2f} | {rates['always']} | {rates['first']} | {rates['never']} | "
             f"{rates['ceiling']} | {ratios['always']:.0%} | **{ratios['first']:.0%}** | {ratios['never']:.0%} |"
@@ -486,30 +505,14 @@ def reader_table(
     images = np.random.default_rng(0).integers(0, 256, (rows, 3, 256, 256), dtype=np.uint8)
     for shard, shard_rows_ in bench_shards(spec, adm, images):
         writer.write_shard(shard, shard_rows_)
-    bank = Bank.open(path)
     view_mb = sum(d.row_nbytes for d in array_defs(spec) if d.sharded) / 1e6
-    results = {}
-    # 1. the project's reader: sampler batches (block-shuffled), all levels + pixels, encoded payload
-    sampler = EpochSampler(bank, 16, seed=0, flip="random")
-    batches = []
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
-        batches.extend(sampler)
+    # 1. the project's reader under each check policy: sampler batches (block-shuffled), all levels + pixels,
+    #    encoded payload
+    batches = two_epochs(path, 16)
     batch_views = sum(len(b) for b in batches)
-
-    readers = {
-        PROJECT: bank,
-        PROJECT_FIRST: Bank.open(path, verify_chunks="first"),
-        PROJECT_NO_CRC: Bank.open(path, verify_chunks="never"),
-    }
-    _read_all(readers[PROJECT_FIRST], batches)  # its one pass that checks every chunk
-
-    # the readers alternate (5 rounds, best of each) so that machine drift hits them alike
-    best = dict.fromkeys(readers, float("inf"))
-    for _ in range(5):
-        for name, reader in readers.items():
-            best[name] = min(best[name], timed(functools.partial(_read_all, reader, batches), 1))
-    results.update({name: batch_views / seconds for name, seconds in best.items()})
+    best = best_reads(path, spec, batches, ceiling=False)
+    names = {"always": PROJECT, "first": PROJECT_FIRST, "never": PROJECT_NO_CRC}
+    results = {names[check]: batch_views / seconds for check, seconds in best.items()}
     # 2. zarr-python, one call per row per array
     group = zarr.open_group(path, mode="r")
     arrays = [group[d.path] for d in array_defs(spec) if d.sharded]

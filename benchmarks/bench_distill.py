@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timing import synced
 
 from bank import BankWriter, ShardRows, make_loader, spec_from_config
 from bank.config import BankConfig
@@ -184,13 +185,6 @@ DECODE_VARIANTS = [
 ]
 
 
-def _synced(device: torch.device) -> float:
-    """``time.perf_counter()`` once the device's queued work is done (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def bench_decode_cost(
     batch: int, steps: int, warmup: int, device: torch.device | None = None, student: str = "resnet50"
 ) -> dict:
@@ -229,9 +223,9 @@ def bench_decode_cost(
         decode_targets(payload, device, projections=projections)  # warm-up (allocator, kernels)
         times = []
         for _ in range(7):
-            start = _synced(device)
+            start = synced(device)
             decode_targets(payload, device, projections=projections)
-            times.append(_synced(device) - start)
+            times.append(synced(device) - start)
         label = codec_name + "".join(f" + PCA {n} k={k}" for n, k in pca.items())
         decode_s[label] = statistics.median(times)
     # the student step with fixed float targets (the decode excluded)
@@ -248,9 +242,9 @@ def bench_decode_cost(
     images = {"image": torch.from_numpy(rng.integers(0, 256, (batch, 3, 256, 256), dtype=np.uint8))}
     step_times = []
     for _ in range(warmup + steps):
-        start = _synced(device)
+        start = synced(device)
         trainer.train_step(images)
-        step_times.append(_synced(device) - start)
+        step_times.append(synced(device) - start)
     return {"decode_s": decode_s, "step_s": statistics.median(step_times[warmup:]), "batch": batch}
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from timing import synced  # noqa: E402
+
 NEEDED = ("diffusers", "zarr", "numcodecs", "google_crc32c", "crc32c", "webdataset", "dask", "distributed", "pycocotools",
           "click", "braceexpand", "pytest")  # fmt: skip
 """Modules gpu-check imports that the GPU machine's Python lacks (unpacked from the wheels)."""
@@ -83,13 +85,6 @@ class Table:
         return "\n".join([head, *("| " + " | ".join(r) + " |" for r in self.rows)])
 
 
-def _sync(device):  # noqa: ANN001, ANN202
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset_memory(device) -> None:  # noqa: ANN001
     import torch
 
@@ -131,12 +126,10 @@ def matmul_peak(table: Table, device, n: int, iters: int) -> float:  # noqa: ANN
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
-    start = time.perf_counter()
+    start = synced(device)
     for _ in range(iters):
         a @ b
-    _sync(device)
-    tflops = 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+    tflops = 2 * n**3 * iters / (synced(device) - start) / 1e12
     table.add(
         "bf16 matmul peak", f"{n}x{n}x{n}, {iters} products", f"{tflops:.3g} TFLOP/s", f"{tflops:.3g}", "100%"
     )
@@ -185,13 +178,11 @@ def adm_encode(table: Table, device, flags: dict, batches: tuple[int, ...], peak
         start = time.perf_counter()
         for _ in range(2):  # warm-up; compiles on the first call of each shape
             encoder(x0, eps)
-        _sync(device)
-        warm_s = time.perf_counter() - start
+        warm_s = synced(device) - start
         start = time.perf_counter()
         for _ in range(iters):
             encoder(x0, eps)
-        _sync(device)
-        views_s = batch * iters / (time.perf_counter() - start)
+        views_s = batch * iters / (synced(device) - start)
         tflops = views_s * flops / 1e12
         note = f", first calls {warm_s:.0f} s" if compile else ""
         table.add(f"{label} encode, {mode}", f"batch {batch}, bf16, channels_last, early stop, SDPA",
@@ -254,16 +245,14 @@ def ddp_step(table: Table, device, *, student: str, batch: int, res: int) -> Non
         x = torch.randn(batch, 3, res, res, device=device)
         times = []
         for _ in range(3):
-            _sync(device)
-            start = time.perf_counter()
+            start = synced(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = model(x)
             loss = sum(v.float().pow(2).mean() for v in out.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+            times.append(synced(device) - start)
         ok = all(torch.isfinite(p).all() for p in net.parameters())
         table.add(f"DDP step ({backend}, 1 process)", f"{student}, batch {batch}, {res} px",
                   f"{'ok' if ok else 'NON-FINITE'}, {batch / statistics.median(times[1:]):.0f} img/s", mem=_memory(device))  # fmt: skip

@@ -62,7 +62,7 @@ BANK_BASE = ("encode.flips=both", "encode.store=draws", "bank.codec=fp16", "bank
 """Every bank setting a variant may change, pinned, so that the variants do not move with pipeline.yaml's defaults."""
 COMPACT = ("encode.draws=4", "encode.store=mean", "bank.codec=int4", "bank.pixels=image",
            "bank.pixel_compressor=zstd")  # fmt: skip
-"""The shipped defaults' storage (pipeline.yaml): the base of the compact grid's PCA variants."""
+"""The shipped defaults' storage (pipeline.yaml): the ``compact`` variant and the base of its PCA variants."""
 VARIANTS = {
     v.name: v
     for v in [
@@ -82,28 +82,11 @@ VARIANTS = {
             "K=1 int4, pixels once (zstd)",
             ("encode.draws=1", "bank.codec=int4", "bank.pixels=image", "bank.pixel_compressor=zstd"),
         ),
-        Variant(
-            "compact",
-            "mean of 4, int4, pixels once (zstd)",
-            (
-                "encode.draws=4",
-                "encode.store=mean",
-                "bank.codec=int4",
-                "bank.pixels=image",
-                "bank.pixel_compressor=zstd",
-            ),
-        ),
+        Variant("compact", "mean of 4, int4, pixels once (zstd)", COMPACT),
         Variant(
             "compact-mirror",
             "mean of 4, mirrored, int4, pixels once (zstd)",
-            (
-                "encode.draws=4",
-                "encode.store=mean",
-                "encode.flips=mirror",
-                "bank.codec=int4",
-                "bank.pixels=image",
-                "bank.pixel_compressor=zstd",
-            ),
+            (*COMPACT, "encode.flips=mirror"),
         ),
         Variant(
             "pca",

@@ -21,7 +21,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the project's packages come from this checkout
@@ -30,7 +29,7 @@ from configlib import atomic_write_text  # noqa: E402
 from dreamteacher.demo import (  # noqa: E402
     derive,
     distill_job,
-    finetune_job,
+    finetune_all,
     format_table,
     plan_demo,
     side_by_side,
@@ -71,11 +70,6 @@ def plan_runs(cfg: PipelineConfig, seeds: list[int]) -> tuple[dict, dict]:
     return distills, finetunes
 
 
-def finished(cfg: PipelineConfig) -> dict[str, Any] | None:
-    results = Path(cfg.finetune.out) / cfg.finetune.exp / "results.json"
-    return json.loads(results.read_text())["metrics"] if results.is_file() else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "pipeline.yaml"))
@@ -100,11 +94,8 @@ def main() -> None:
     distill_s = time.perf_counter() - tick
 
     # 3. few-label fine-tuning of every (init, seed), finished ones read back
-    runs = {key: m for key, c in finetunes.items() if (m := finished(c)) is not None}
-    pending = {key: c for key, c in finetunes.items() if key not in runs}
     tick = time.perf_counter()
-    device = plan.distill.distill.device
-    runs |= side_by_side(finetune_job, pending, cfg.demo, device, desc="study-mix: fine-tune")
+    runs = finetune_all(finetunes, cfg.demo, desc="study-mix: fine-tune")
     finetune_s = time.perf_counter() - tick
 
     # 4. paired table: a seed fixes the distill run and the fine-tuning run of every init

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from bank.config import ChunkCheck
+
 
 @dataclass(kw_only=True)
 class StudentConfig:
@@ -87,8 +89,8 @@ class DistillConfig:
     """End this invocation after this step with a checkpoint (resume later with --resume), keeping the full run's
     schedule: for time-sliced / preemptible jobs. 0 = run to the end."""
     num_workers: int = 4
-    verify_chunks: Literal["first", "always", "never"] = "first"
-    """When the loader checks a bank chunk's crc32c (``bank.layout.ChunkCheck``): ``first`` the first time each
+    verify_chunks: ChunkCheck = "first"
+    """When the loader checks a bank chunk's crc32c (``bank.config.ChunkCheck``): ``first`` the first time each
     worker reads the chunk (a corrupt chunk stops the run before it is trained on; later epochs skip the second
     pass over the bytes), ``always`` on every read, ``never``."""
     draw: Literal["random", "first"] = "random"

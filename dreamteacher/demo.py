@@ -256,12 +256,17 @@ def parallel_runs(demo: DemoConfig, device: str, pending: int) -> tuple[int, int
 
 
 def finetune_all(
-    plan: DemoPlan, demo: DemoConfig, *, progress: bool = True
-) -> dict[tuple[str, str, int], Any]:
-    """Every (task, init, seed) run of the plan; finished runs (with a ``results.json``) are read back."""
-    runs: dict[tuple[str, str, int], dict[str, Any]] = {}
+    finetunes: dict[Any, PipelineConfig],
+    demo: DemoConfig,
+    *,
+    desc: str = "demo 5/5: fine-tune",
+    progress: bool = True,
+) -> dict[Any, Any]:
+    """Every fine-tuning run of ``finetunes`` (the plan's, by (task, init, seed)), side by side; finished runs
+    (with a ``results.json``) are read back."""
+    runs: dict[Any, dict[str, Any]] = {}
     pending = {}
-    for key, ft_cfg in plan.finetune.items():
+    for key, ft_cfg in finetunes.items():
         metrics = _finished(Path(ft_cfg.finetune.out) / ft_cfg.finetune.exp)
         if metrics is None:
             pending[key] = ft_cfg
@@ -269,10 +274,8 @@ def finetune_all(
             runs[key] = metrics
     if pending:
         device = next(iter(pending.values())).finetune.device
-        runs |= side_by_side(
-            finetune_job, pending, demo, device, desc="demo 5/5: fine-tune", progress=progress
-        )
-    return {key: runs[key] for key in plan.finetune}
+        runs |= side_by_side(finetune_job, pending, demo, device, desc=desc, progress=progress)
+    return {key: runs[key] for key in finetunes}
 
 
 def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) -> dict[str, Any]:
@@ -336,7 +339,7 @@ def run_demo(cfg: PipelineConfig, size: str = "full", *, progress: bool = True) 
 
     # 5. Fine-tune every init over the seeds (finished runs are reused; several at once on a multi-core CPU).
     tick = time.perf_counter()
-    runs = finetune_all(plan, cfg.demo, progress=progress)
+    runs = finetune_all(plan.finetune, cfg.demo, progress=progress)
     timings["finetune"] = time.perf_counter() - tick
 
     # 6. Teacher diagnostic: linear probes of teacher / random-teacher / pixel features on the few-label split.
