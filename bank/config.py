@@ -44,6 +44,11 @@ class BankConfig:
     scikit-learn PCA's float ``n_components``): k = the fewest components that keep at least it, chosen by the
     fit and recorded in the spec (``bank info`` prints it). A level is in at most one of ``projection`` and
     ``projection_energy``."""
+    projection_budget: float = 0.0
+    """Instead of k per level: the fraction of a row's feature values its coefficients may take, over every level
+    (``0.4``: 40 %; with ``int4``, 40 % of the int4 bytes). The fit chooses the k of every level to keep the most
+    variance within that budget (:func:`bank.projection.allocate_budget`; a level whose k reaches C stores its
+    channels). 0 = off. Excludes ``projection`` and ``projection_energy``."""
     projection_images: int = 256
     """Images in the projection fit's sample (evenly spaced over the key-sorted dataset; draw 0, every stored
     flip view)."""
@@ -64,6 +69,15 @@ class BankConfig:
         if both:
             problems.append(
                 f"levels {both} are in both projection and projection_energy: choose k or the energy"
+            )
+        if not 0 <= self.projection_budget < 1:
+            problems.append(
+                f"projection_budget={self.projection_budget}: a fraction of the feature values in [0, 1) (0 = off)"
+            )
+        if self.projection_budget and (any(self.projection.values()) or self.projection_energy):
+            problems.append(
+                f"projection_budget={self.projection_budget} chooses every level's k: set bank.projection_budget=0 "
+                "to give projection / projection_energy per level, or leave those empty"
             )
         if self.projection_images < 1:
             problems.append(f"projection_images={self.projection_images}: the fit needs at least one image")

@@ -109,14 +109,18 @@ class CovarianceAccumulator:
             self.outer_CC += x_NC.T @ x_NC
         self.count += x_NC.shape[0]
 
-    def fit(self, components: int = 0, *, energy: float = 0.0) -> Projection:
-        """The top-``components`` principal directions, or the fewest that keep ``energy`` of the variance (see
-        :data:`FIT_RULE`)."""
+    def covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean_C, cov_CC) of the sample, float64 on the CPU (cov symmetrised)."""
         if self.sum_C is None or self.outer_CC is None or self.count < 2:
             raise BankError("projection fit: no sample features (every sample image was rejected?)")
         mean_C = (self.sum_C / self.count).cpu()
         cov_CC = (self.outer_CC.cpu() / self.count) - torch.outer(mean_C, mean_C)
-        return fit_from_covariance(mean_C, (cov_CC + cov_CC.T) / 2, components, energy=energy)
+        return mean_C, (cov_CC + cov_CC.T) / 2
+
+    def fit(self, components: int = 0, *, energy: float = 0.0) -> Projection:
+        """The top-``components`` principal directions, or the fewest that keep ``energy`` of the variance (see
+        :data:`FIT_RULE`)."""
+        return fit_from_covariance(*self.covariance(), components, energy=energy)
 
 
 def components_for_energy(evals_desc: torch.Tensor, energy: float) -> int:
@@ -152,10 +156,51 @@ def fit_from_covariance(
     return Projection(mean_C.to(torch.float32), basis_KC.to(torch.float32), energy)
 
 
+def eigenvalues(cov_CC: torch.Tensor) -> torch.Tensor:
+    """(C,) eigenvalues of a symmetric covariance, float64, descending, negatives (round-off) clamped to 0."""
+    return torch.linalg.eigvalsh(cov_CC.to(torch.float64).cpu()).flip(0).clamp_min(0.0)
+
+
 def energy_curve(mean_C: torch.Tensor, cov_CC: torch.Tensor) -> np.ndarray:
     """(C,) fraction of variance kept by the top 1..C components (benchmarks, ``bank info``)."""
-    evals = torch.linalg.eigvalsh(cov_CC.to(torch.float64).cpu()).flip(0).clamp_min(0.0)
+    evals = eigenvalues(cov_CC)
     return (torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-300)).numpy()
+
+
+def allocate_budget(
+    evals_desc: dict[str, torch.Tensor], positions: dict[str, int], budget: float
+) -> dict[str, int]:
+    """k per level for ``bank.projection_budget``: the most variance kept, summed over levels as fractions of each
+    level's own variance, with at most ``budget`` of the row's values (sum_l k_l * positions_l <= budget *
+    sum_l C_l * positions_l) and at least one component per level.
+
+    Why that objective: the feature loss is the mean over levels of the MSE against the teacher whitened per sample
+    (``distill.losses``), so the variance a level's projection drops, as a fraction of that level's, is what it
+    adds to that level's MSE floor, and every level weighs the same. A component of level l costs ``positions_l``
+    values per row and gains ``lambda_j / sum(lambda)``; within a level the gains fall with j, so taking
+    components in falling gain-per-value order (ties: level name, then j) is the greedy optimum of this knapsack,
+    stopped at the first component that does not fit (within one component of the budget)."""
+    total_values = sum(len(evals_desc[n]) * positions[n] for n in evals_desc)
+    capacity = budget * total_values
+    k = {name: 1 for name in evals_desc}
+    used = sum(positions[name] for name in evals_desc)
+    if used > capacity:
+        raise BankError(
+            f"bank.projection_budget={budget}: one component per level already takes {used / total_values:.4f} "
+            "of the values; raise the budget"
+        )
+    candidates = []
+    for name, evals in evals_desc.items():
+        total = float(evals.sum())
+        for j in range(1, len(evals)):
+            gain = float(evals[j]) / total if total > 0 else 0.0
+            candidates.append((-gain / positions[name], name, j))
+    for _ratio, name, _j in sorted(candidates):
+        if used + positions[name] > capacity:
+            break
+        k[name] += 1
+        used += positions[name]
+    return k
 
 
 # ---- the spec ------------------------------------------------------------------------------------------------
@@ -185,21 +230,35 @@ def energy_levels(cfg: Any) -> dict[str, float]:
     return {name: float(e) for name, e in sorted(cfg.projection_energy.items())}
 
 
-def fit_record(images: int, energy: dict[str, float] | None = None) -> dict[str, Any]:
-    """``BankSpec.projection_fit`` (in the fingerprint): the rule, the sample size and, when any level's k is
-    chosen by energy (``bank.projection_energy``), those targets."""
+def fits_any(cfg: Any) -> bool:
+    """Whether ``cfg`` (a :class:`bank.config.BankConfig`) projects any level, so encode fits bases."""
+    return bool(projected_levels(cfg) or cfg.projection_energy or cfg.projection_budget)
+
+
+def fit_chooses(cfg: Any, level: str) -> bool:
+    """Whether the fit, not the config, chooses ``level``'s k (``projection_energy`` or ``projection_budget``)."""
+    return bool(cfg.projection_budget) or level in cfg.projection_energy
+
+
+def fit_record(images: int, energy: dict[str, float] | None = None, budget: float = 0.0) -> dict[str, Any]:
+    """``BankSpec.projection_fit`` (in the fingerprint): the rule, the sample size and, when the fit chooses k,
+    its targets (``bank.projection_energy`` per level, or ``bank.projection_budget``)."""
     record: dict[str, Any] = {"rule": FIT_RULE, "images": int(images)}
     if energy:
         record["energy"] = {name: float(e) for name, e in sorted(energy.items())}
+    if budget:
+        record["budget"] = float(budget)
     return record
 
 
-def with_projections(
-    spec: Any, projections: dict[str, Projection], *, images: int, energy: dict[str, float] | None = None
-) -> Any:
-    """``spec`` with the projected levels' ``components`` and ``basis_sha256`` and the fit's settings recorded
-    (all part of the fingerprint); ``images`` = the fit's sample size (``bank.projection_images``), ``energy`` the
-    levels whose k the fit chose (``bank.projection_energy``)."""
+def config_fit_record(cfg: Any) -> dict[str, Any]:
+    """The :func:`fit_record` a bank encoded with ``cfg`` records."""
+    return fit_record(cfg.projection_images, energy_levels(cfg), cfg.projection_budget)
+
+
+def with_projections(spec: Any, projections: dict[str, Projection], *, record: dict[str, Any]) -> Any:
+    """``spec`` with the projected levels' ``components`` and ``basis_sha256`` and the fit's settings
+    (``record``, from :func:`config_fit_record`) recorded, all part of the fingerprint."""
     import dataclasses
 
     if not projections:
@@ -212,7 +271,7 @@ def with_projections(
         else lv
         for lv in spec.levels
     ]
-    return dataclasses.replace(spec, levels=levels, projection_fit=fit_record(images, energy))
+    return dataclasses.replace(spec, levels=levels, projection_fit=record)
 
 
 def stored_projections(path: Path, draft: Any, cfg: Any) -> dict[str, Projection] | None:
@@ -231,9 +290,9 @@ def stored_projections(path: Path, draft: Any, cfg: Any) -> dict[str, Projection
         return None  # not a bank create() can resume: it decides (refuse, or overwrite)
     chosen = {lv.name: lv.components for lv in existing.levels if lv.components}
     if (
-        {name: k for name, k in chosen.items() if name not in energy_levels(cfg)} != projected_levels(cfg)
+        {name: k for name, k in chosen.items() if not fit_chooses(cfg, name)} != projected_levels(cfg)
         or not set(energy_levels(cfg)) <= set(chosen)
-        or existing.projection_fit != fit_record(cfg.projection_images, energy_levels(cfg))
+        or existing.projection_fit != config_fit_record(cfg)
         or without_projections(existing).fingerprint() != draft.fingerprint()
     ):
         return None

@@ -67,8 +67,8 @@ from bank.layout import (
 from bank.projection import (
     Projection,
     check_projection_config,
-    energy_levels,
-    fit_record,
+    config_fit_record,
+    fit_chooses,
     read_projections,
     write_projections,
 )
@@ -826,7 +826,15 @@ def clean_orphans(path: Path) -> list[str]:
     return messages
 
 
-_FITTED = "chosen by the fit (bank.projection_energy)"
+_FITTED = "chosen by the fit (bank.projection_energy / projection_budget)"
+
+
+def _fitted(cfg: BankConfig, level: LevelSpec, components: int) -> int | str:
+    """A level's k as the config spells it: the fit's choice (an energy level's k is > 0; a budget may leave a
+    level at its channels, k = 0), else ``components``."""
+    if fit_chooses(cfg, level.name) and (components or cfg.projection_budget):
+        return _FITTED
+    return components
 
 
 def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
@@ -839,7 +847,7 @@ def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
         **{f"levels.{lv.name}.codec": cfg.level_codecs.get(lv.name, cfg.codec) for lv in spec.levels},
         **{
             f"levels.{lv.name}.components": _FITTED
-            if lv.name in cfg.projection_energy
+            if fit_chooses(cfg, lv.name)
             else cfg.projection.get(lv.name, 0)
             for lv in spec.levels
         },
@@ -853,17 +861,12 @@ def _check_spec_matches_config(spec: BankSpec, cfg: BankConfig) -> None:
         "pixels": spec.pixels,
         "pixel_compressor": spec.pixel_compressor,
         **{f"levels.{lv.name}.codec": lv.codec for lv in spec.levels},
-        **{
-            f"levels.{lv.name}.components": _FITTED
-            if lv.name in cfg.projection_energy and lv.components
-            else lv.components
-            for lv in spec.levels
-        },
+        **{f"levels.{lv.name}.components": _fitted(cfg, lv, lv.components) for lv in spec.levels},
     }
     if any(lv.codec == "int4" for lv in spec.levels):
         actual["int4_group"] = spec.int4_group
     if spec.projection_fit:
-        expected["projection_fit"] = fit_record(cfg.projection_images, energy_levels(cfg))
+        expected["projection_fit"] = config_fit_record(cfg)
         actual["projection_fit"] = spec.projection_fit
     diff = [
         f"{k}: spec {actual[k]!r}, bank config {expected[k]!r}" for k in expected if expected[k] != actual[k]

@@ -27,7 +27,7 @@ from PIL import Image
 from bank import Bank, BankSpec, BankWriter, EpochSampler, ShardRows, make_codec, spec_from_config
 from bank.config import BankConfig
 from bank.layout import array_defs
-from bank.projection import CovarianceAccumulator, Projection, with_projections
+from bank.projection import CovarianceAccumulator, Projection, config_fit_record, with_projections
 from bank.spec import LevelSpec
 from bank.wds import export_wds, iter_rows
 from teachers.config import TeacherConfig
@@ -474,7 +474,7 @@ def reader_codec_table(
                 0
             ].T.contiguous()
             projections[name] = Projection(torch.zeros(c), basis)
-        spec = with_projections(spec, projections, images=cfg.projection_images)
+        spec = with_projections(spec, projections, record=config_fit_record(cfg))
         path = workdir / f"reader-{codec}-{len(pca)}.zarr"
         writer = BankWriter.create(path, spec, cfg, projections=projections)
         for shard, shard_rows_ in bench_shards(spec, adm, images):
@@ -646,6 +646,9 @@ def size_table(zstd_ratio: float, png_ratio: float) -> tuple[list[str], list[str
         "int4": ("int4", {}),
         f"int4+PCA s4 k={s4.channels // 2}": ("int4", {s4.name: s4.channels // 2}),
         f"int4+PCA s4 k={s4.channels // 4}": ("int4", {s4.name: s4.channels // 4}),
+        # a budget's bytes do not depend on how the fit splits the values between levels, but for the codec's
+        # per-(row, channel group) scales (< 0.2 % of a view): k = budget x C at every level stands for any split
+        "int4+PCA budget 0.4": ("int4", {lv.name: int(0.4 * lv.channels) for lv in levels}),
     }
     per_view = {label: view_feature_bytes(levels, codec, pca) for label, (codec, pca) in codecs.items()}
     values = sum(lv.channels * lv.height * lv.width for lv in levels)

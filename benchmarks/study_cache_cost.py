@@ -58,7 +58,8 @@ class Variant:
 
 
 BANK_BASE = ("encode.flips=both", "encode.store=draws", "bank.codec=fp16", "bank.pixels=rows",
-             "bank.pixel_compressor=none", "bank.projection={}", "bank.projection_energy={}")  # fmt: skip
+             "bank.pixel_compressor=none", "bank.projection={}", "bank.projection_energy={}",
+             "bank.projection_budget=0")  # fmt: skip
 """Every bank setting a variant may change, pinned, so that the variants do not move with pipeline.yaml's defaults."""
 COMPACT = ("encode.draws=4", "encode.store=mean", "bank.codec=int4", "bank.pixels=image",
            "bank.pixel_compressor=zstd")  # fmt: skip
@@ -114,6 +115,16 @@ VARIANTS = {
             "mean of 4, int4 + PCA keeping 95% of the variance per level, pixels once (zstd)",
             (*COMPACT, "bank.projection_energy={s4: 0.95, s8: 0.95, s16: 0.95, s32: 0.95}"),
         ),
+        Variant(
+            "compact-budget40",
+            "mean of 4, int4 + PCA in 40% of the values (k per level by the fit), pixels once (zstd)",
+            (*COMPACT, "bank.projection_budget=0.4"),
+        ),
+        Variant(
+            "compact-budget25",
+            "mean of 4, int4 + PCA in 25% of the values (k per level by the fit), pixels once (zstd)",
+            (*COMPACT, "bank.projection_budget=0.25"),
+        ),
     ]
 }
 
@@ -139,10 +150,10 @@ GRIDS = {
                            "compact", "pca")),
     "quick": Grid(images=200, heldout=16, eval_draws=8, seeds=(0, 1), distill_steps=80, finetune_iters=60,
                   variants=("online", "k1", "k4", "mean4", "mirror", "int4", "compact")),
-    # issue 13: PCA on top of the shipped defaults, 5 seeds, against fresh online and the fp16 bank (~35 min)
+    # issue 13: PCA on top of the shipped defaults, 5 seeds, against fresh online and the fp16 bank (~45 min)
     "compact": Grid(images=1000, heldout=64, eval_draws=16, seeds=(0, 1, 2, 3, 4), distill_steps=150,
                     finetune_iters=100, variants=("online", "k1", "compact", "compact-pca-half", "compact-pca99",
-                                                  "compact-pca95")),
+                                                  "compact-pca95", "compact-budget40", "compact-budget25")),
     # seconds on a CPU: the whole script on toy sizes (tests/test_study.py)
     "debug": Grid(images=40, heldout=2, eval_draws=2, seeds=(0, 1), distill_steps=2, finetune_iters=2,
                   variants=("online", "k1", "mean4", "mirror"), images_per_shard=8),
@@ -575,7 +586,7 @@ def main() -> None:
         "--grid",
         choices=list(GRIDS),
         default="full",
-        help="full (~1 h), quick (~10 min), compact (PCA on the defaults, 5 seeds, ~35 min), debug",
+        help="full (~1 h), quick (~10 min), compact (PCA on the defaults, 5 seeds, ~45 min), debug",
     )
     parser.add_argument(
         "--quick",

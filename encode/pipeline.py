@@ -77,6 +77,12 @@ class EncodeSummary:
                 f"projection     {name}: k={level['k']} of {level['channels']} channels, energy kept "
                 f"{level['energy']:.4f} ({how})"
             )
+        if "values_kept" in self.projection:
+            kept = ", ".join(self.projection["unprojected"]) or "none"
+            lines.append(
+                f"projection     budget: {self.projection['values_kept']:.4f} of the feature values kept; "
+                f"levels at their channels: {kept}"
+            )
         lines += [f"  reject {key}: {reason}" for key, reason in sorted(self.rejects.items())[:20]]
         return "\n".join(lines)
 

@@ -2,10 +2,11 @@
 
 It runs in the driver process, before any shard task is dispatched (with dask too): the bases must be in the bank
 when it is created, and they are small (k x C floats per level). The sample's read-outs are computed by the shard
-task's own code (:func:`encode.worker.encode_rows`: decoding, preprocessing, views, noise seeds, teacher), on the
-driver's ``encode.device`` (``auto``: its GPU when it has one), so the fit sees exactly what the rows will hold:
-evenly spaced images of the key-sorted dataset, draw 0, every stored flip view. A resumed encode reuses the bases
-stored in the bank (:func:`bank.projection.stored_projections`) instead of fitting again.
+task's own code, on the driver's ``encode.device`` (``auto``: its GPU when it has one), so the fit sees exactly
+what the rows will hold: for an image bank :func:`encode.worker.encode_rows` (decoding, preprocessing, views, noise
+seeds, teacher) on evenly spaced images of the key-sorted dataset, draw 0, every stored flip view; for a
+synthesized bank :func:`encode.synthesize.synthesized_batches` on evenly spaced rows. A resumed encode reuses the
+bases stored in the bank (:func:`bank.projection.stored_projections`) instead of fitting again.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -20,34 +22,89 @@ from bank.config import BankConfig
 from bank.projection import (
     CovarianceAccumulator,
     Projection,
+    allocate_budget,
+    config_fit_record,
+    eigenvalues,
     energy_levels,
+    fit_from_covariance,
+    fits_any,
     projected_levels,
     sample_indices,
     stored_projections,
     with_projections,
 )
 from bank.spec import BankError, BankSpec
-from encode.worker import ShardStats, ShardTask, clear_caches, encode_rows
+from encode.synthesize import synthesized_batches
+from encode.worker import ShardStats, ShardTask, clear_caches, encode_rows, get_encoder
 from teachers.registry import synthesizes
 
 log = logging.getLogger(__name__)
 
 
 def fit_projections(plan, cfg: BankConfig) -> tuple[dict[str, Projection], dict[str, float]]:
-    """Fit every level ``cfg.projection`` / ``cfg.projection_energy`` projects on ``cfg.projection_images``
-    images of ``plan``; returns the bases and the fit's timing / sample counts (``seconds``, ``images``,
-    ``views``)."""
+    """Fit the levels ``cfg`` projects (``bank.projection`` / ``projection_energy``: those levels; a
+    ``projection_budget``: every level, k from :func:`bank.projection.allocate_budget`) on a sample of
+    ``cfg.projection_images`` images (rows) of ``plan``; returns the bases (a budget's levels left at their
+    channels have none) and the fit's record for the encode summary (``seconds``, ``images``, ``views``)."""
     start = time.perf_counter()
-    fixed, energy = projected_levels(cfg), energy_levels(cfg)
-    wanted = sorted([*fixed, *energy])
     spec: BankSpec = plan.spec
-    records = [plan.records[i] for i in sample_indices(spec.num_images, cfg.projection_images)]
+    fixed, energy = projected_levels(cfg), energy_levels(cfg)
+    wanted = [lv.name for lv in spec.levels] if cfg.projection_budget else sorted([*fixed, *energy])
+    accumulators = {name: CovarianceAccumulator() for name in wanted}
+    # 1. the sample's features, as the rows will hold them
+    sample = sample_indices(spec.num_images, cfg.projection_images)
+    views = 0
+    for feats in _sample_features(plan, cfg, sample):
+        views += next(iter(feats.values())).shape[0]
+        for name, acc in accumulators.items():
+            acc.add(feats[name])
+    if views == 0:
+        raise BankError(
+            f"bank.projection: none of the {len(sample)} sample images could be decoded; check the dataset"
+        )
+    # 2. k per level (given, by energy, or by the budget over all levels), then the bases
+    if not cfg.projection_budget:
+        projections = {
+            name: acc.fit(fixed.get(name, 0), energy=energy.get(name, 0.0))
+            for name, acc in accumulators.items()
+        }
+        return projections, {"seconds": time.perf_counter() - start, "images": len(sample), "views": views}
+    moments = {name: acc.covariance() for name, acc in accumulators.items()}
+    positions = {lv.name: lv.height * lv.width for lv in spec.levels}
+    ks = allocate_budget(
+        {n: eigenvalues(cov) for n, (_m, cov) in moments.items()}, positions, cfg.projection_budget
+    )
+    channels = {lv.name: lv.channels for lv in spec.levels}
+    projections = {
+        name: fit_from_covariance(*moments[name], k) for name, k in ks.items() if k < channels[name]
+    }
+    kept = sum(ks[n] * positions[n] for n in ks) / sum(channels[n] * positions[n] for n in ks)
+    return projections, {
+        "seconds": time.perf_counter() - start,
+        "images": len(sample),
+        "views": views,
+        "values_kept": kept,
+        "unprojected": sorted(set(ks) - set(projections)),
+    }
+
+
+def _sample_features(plan, cfg: BankConfig, sample: list[int]) -> Iterator[dict[str, torch.Tensor]]:
+    """Per batch, the features (level -> (views, C, H, W) on the teacher's device) of the fit's sample: the stored
+    flip views of draw 0 of images ``sample`` (rejected images left out), or a synthesized bank's rows ``sample``."""
+    if synthesizes(plan.settings.teacher):
+        synth, compute_lock = get_encoder(plan.settings)
+        stats = ShardStats(shard=0)
+        for _seeds, _images, feats in synthesized_batches(
+            synth, compute_lock, sample, plan.settings.encode.batch_size, stats
+        ):
+            yield feats
+        return
+    spec: BankSpec = plan.spec
+    records = [plan.records[i] for i in sample]
     enc = plan.settings.encode
     settings = dataclasses.replace(plan.settings, encode=dataclasses.replace(enc, draws=1, store="draws"))
     flips = settings.flips
-    accumulators = {name: CovarianceAccumulator() for name in wanted}
     per_chunk = max(1, enc.batch_size // flips)
-    views = 0
     for first in range(0, len(records), per_chunk):
         chunk = records[first : first + per_chunk]
         fit_spec = BankSpec(
@@ -68,21 +125,9 @@ def fit_projections(plan, cfg: BankConfig) -> tuple[dict[str, Projection], dict[
             settings=settings,
         )
         rows = encode_rows(task, ShardStats(shard=0))
-        ok = rows.ok.nonzero()[0]
-        views += len(ok)
-        if len(ok) == 0:
-            continue
-        for name, acc in accumulators.items():
-            feats = rows.features[name]
-            acc.add(feats[torch.from_numpy(ok).to(feats.device)])
-    if views == 0:
-        raise BankError(
-            f"bank.projection: none of the {len(records)} sample images could be decoded; check the dataset"
-        )
-    projections = {
-        name: acc.fit(fixed.get(name, 0), energy=energy.get(name, 0.0)) for name, acc in accumulators.items()
-    }
-    return projections, {"seconds": time.perf_counter() - start, "images": len(records), "views": views}
+        ok = torch.from_numpy(rows.ok.nonzero()[0])
+        if len(ok):
+            yield {name: feats[ok.to(feats.device)] for name, feats in rows.features.items()}
 
 
 def projections_for(
@@ -91,13 +136,8 @@ def projections_for(
     """The spec with its projections and their bases: the bank's stored ones on resume, else a fresh fit (in this
     process; with ``overwrite`` also when the stored ones are damaged). Returns (spec, bases, a record for the
     encode summary)."""
-    if not projected_levels(cfg) and not energy_levels(cfg):
+    if not fits_any(cfg):
         return plan.spec, {}, {}
-    if synthesizes(plan.settings.teacher):
-        raise BankError(
-            "bank.projection: this bank's rows are synthesized by a GAN teacher (no dataset images to fit a basis "
-            "on); set bank.projection={} for it"
-        )
     try:
         stored = stored_projections(plan.bank_path, plan.spec, cfg)
     except BankError:
@@ -110,7 +150,7 @@ def projections_for(
         projections, record = fit_projections(plan, cfg)
         if use_dask:  # the workers load their own teachers: do not hold a second copy on a GPU meanwhile
             clear_caches()
-    spec = with_projections(plan.spec, projections, images=cfg.projection_images, energy=energy_levels(cfg))
+    spec = with_projections(plan.spec, projections, record=config_fit_record(cfg))
     record["levels"] = {
         name: {"k": p.components, "channels": p.channels, "energy": p.energy}
         for name, p in projections.items()

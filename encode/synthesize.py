@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -105,6 +105,21 @@ def synthesize_shard(
     return stats
 
 
+def synthesized_batches(
+    synth: GANSynthesizer, compute_lock: threading.Lock, rows: list[int], batch_size: int, stats: Any
+) -> Iterator[tuple[np.ndarray, torch.Tensor, dict[str, torch.Tensor]]]:
+    """(seeds, uint8 images, tap features) of bank ``rows``, ``batch_size`` at a time: the rows a shard writes and
+    the sample a projection fit sees (``encode.projection_fit``) are one computation. ``stats.teacher_seconds``
+    accumulates the generator's time."""
+    for lo in range(0, len(rows), max(1, batch_size)):
+        drawn = synth.draw(rows[lo : lo + max(1, batch_size)])
+        with compute_lock:
+            t0 = time.perf_counter()
+            image_u8_BCHW, feats = synth.synthesize(drawn.z_BZ, drawn.labels_B)
+            stats.teacher_seconds += time.perf_counter() - t0
+        yield np.asarray(drawn.seed_B), image_u8_BCHW, feats
+
+
 def _synthesize_claimed(
     task: Any, writer: Any, claim: Any, get_readout: Callable[[Any], tuple[Any, threading.Lock]], stats: Any
 ) -> None:
@@ -121,18 +136,16 @@ def _synthesize_claimed(
         for tap in synth.taps_info
     }
     seeds = np.zeros(n_rows, np.int64)
-    batch = max(1, task.settings.encode.batch_size)
-    for lo in range(0, n_rows, batch):
-        hi = min(n_rows, lo + batch)
-        drawn = synth.draw(rows[lo:hi].tolist())
-        with compute_lock:
-            t0 = time.perf_counter()
-            image_u8_BCHW, feats = synth.synthesize(drawn.z_BZ, drawn.labels_B)
-            stats.teacher_seconds += time.perf_counter() - t0
+    lo = 0
+    for seed_B, image_u8_BCHW, feats in synthesized_batches(
+        synth, compute_lock, rows.tolist(), task.settings.encode.batch_size, stats
+    ):
+        hi = lo + len(seed_B)
         images_u8[lo:hi] = image_u8_BCHW.numpy()
         for name, feats_BChw in feats.items():
             features[name][lo:hi] = feats_BChw
-        seeds[lo:hi] = drawn.seed_B
+        seeds[lo:hi] = seed_B
+        lo = hi
     shard_rows = ShardRows(
         images_u8=images_u8,
         features=features,

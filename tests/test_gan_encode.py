@@ -189,6 +189,29 @@ def test_verify_and_distill_a_few_steps(bank_path: Path, tmp_path: Path) -> None
     assert any((tmp_path / "distill").rglob("*.pt")) or any((tmp_path / "distill").rglob("*.safetensors"))
 
 
+def test_projection_is_fitted_on_the_synthesized_rows_and_resumes(bank_path: Path, tmp_path: Path) -> None:
+    # sample = every row (6 <= bank.projection_images): each basis' mean is the mean of the unprojected (fp16)
+    # bank's features of that level over rows and positions, computed here from its decoded rows
+    clear_caches()
+    budget = tmp_path / "budget.zarr"
+    summary = run_encode(make_cfg(budget, "bank.projection_budget=0.5"), use_dask=False, progress=False)
+    assert summary.projection["images"] == 6 and summary.projection["views"] == 6
+    projected, full = Bank.open(budget), Bank.open(bank_path)
+    assert projected.projections, "a budget of 0.5 projects some level"
+    reference = full.decode_rows(slice(None))
+    for level, proj in projected.projections.items():
+        want = reference[level].astype(np.float64).mean(axis=(0, 2, 3))
+        np.testing.assert_allclose(proj.mean_C.numpy(), want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+        # the fit sample is these rows, so what their projection drops is the variance the fit says it drops
+        ours = projected.decode_rows(slice(None))[level].astype(np.float64)
+        ref = reference[level].astype(np.float64)
+        dropped = ((ours - ref) ** 2).sum() / ((ref - want[None, :, None, None]) ** 2).sum()
+        assert dropped == pytest.approx(1 - proj.energy, abs=2e-3), (level, proj.components)
+    assert run_encode(
+        make_cfg(budget, "bank.projection_budget=0.5"), use_dask=False, progress=False
+    ).projection["reused"]
+
+
 def test_online_targets_are_refused(bank_path: Path) -> None:
     from teachers.provenance import build_encoder
 

@@ -26,7 +26,9 @@ from bank.layout import side_dir
 from bank.projection import (
     CovarianceAccumulator,
     Projection,
+    allocate_budget,
     fit_from_covariance,
+    fit_record,
     sample_indices,
     with_projections,
 )
@@ -95,6 +97,71 @@ def test_energy_config_is_checked() -> None:
         make_spec(BankConfig(shard_rows=4, projection_energy={"s3": 0.9}))
 
 
+def test_budget_allocation_by_hand() -> None:
+    # level a: eigenvalues 4, 2, 1, 1 (gains 1/4, 1/8, 1/8 after the first), 1 position; level b: 6, 3, 1 (gains
+    # 3/10, 1/10), 4 positions: per value a's gains 0.25, 0.125, 0.125 come before b's 0.075, 0.025.
+    # 16 values in all; one component each uses 1 + 4 = 5.
+    evals = {
+        "a": torch.tensor([4.0, 2, 1, 1], dtype=torch.float64),
+        "b": torch.tensor([6.0, 3, 1], dtype=torch.float64),
+    }
+    positions = {"a": 1, "b": 4}
+    assert allocate_budget(evals, positions, 0.5) == {
+        "a": 4,
+        "b": 1,
+    }  # 8 of 16 values: a's three, then b's does not fit
+    assert allocate_budget(evals, positions, 0.45) == {
+        "a": 3,
+        "b": 1,
+    }  # 7.2: a's third (8 values) does not fit
+    assert allocate_budget(evals, positions, 0.75) == {"a": 4, "b": 2}  # 12 exactly
+    with pytest.raises(
+        BankError, match=r"projection_budget=0.3: one component per level already takes 0.3125"
+    ):
+        allocate_budget(evals, positions, 0.3)
+
+
+def test_budget_allocation_keeps_the_most_energy_for_the_values_it_uses() -> None:
+    # brute force over every (k_a, k_b, k_c): nothing that uses at most the greedy's values keeps more energy
+    import itertools
+
+    g = torch.Generator().manual_seed(3)
+    positions = {"a": 1, "b": 3, "c": 8}
+    for trial in range(20):
+        evals = {n: torch.rand(c, generator=g, dtype=torch.float64).pow(3).sort(descending=True).values
+                 for n, c in zip(positions, (5, 4, 6), strict=True)}  # fmt: skip
+        budget = 0.3 + 0.6 * trial / 20
+        ks = allocate_budget(evals, positions, budget)
+        used = sum(ks[n] * positions[n] for n in ks)
+        assert used <= budget * (5 * 1 + 4 * 3 + 6 * 8)
+
+        def energy(alloc: dict[str, int], evals: dict[str, torch.Tensor] = evals) -> float:
+            return sum(float(evals[n][: alloc[n]].sum() / evals[n].sum()) for n in alloc)
+
+        best = max(
+            energy(dict(zip(positions, alloc, strict=True)))
+            for alloc in itertools.product(range(1, 6), range(1, 5), range(1, 7))
+            if sum(k * p for k, p in zip(alloc, positions.values(), strict=True)) <= used
+        )
+        assert energy(ks) >= best - 1e-12, (trial, ks)
+
+
+def test_budget_config_is_checked() -> None:
+    with pytest.raises(
+        ValueError, match=r"projection_budget=1.0: a fraction of the feature values in \[0, 1\)"
+    ):
+        BankConfig(projection_budget=1.0)
+    with pytest.raises(
+        ValueError, match=r"projection_budget=0.4 chooses every level.s k: set bank.projection_budget=0"
+    ):
+        BankConfig(projection_budget=0.4, projection_energy={"s4": 0.9})
+    with pytest.raises(
+        ValueError, match=r"projection_budget=0.4 chooses every level.s k: set bank.projection_budget=0"
+    ):
+        BankConfig(projection_budget=0.4, projection={"s4": 3})
+    BankConfig(projection_budget=0.4, projection={"s4": 0})  # 0 = no projection: nothing to clash with
+
+
 def test_sample_is_evenly_spaced_and_bounded() -> None:
     assert sample_indices(10, 4) == [1, 3, 6, 8]
     assert sample_indices(3, 256) == [0, 1, 2]
@@ -139,15 +206,15 @@ def test_fingerprint_covers_the_basis_and_k_and_old_specs_are_unchanged() -> Non
     feats, _ = _rank_k(channels=6)
     acc = CovarianceAccumulator()
     acc.add(feats)
-    one = with_projections(plain, {"s8": acc.fit(2)}, images=4)
+    one = with_projections(plain, {"s8": acc.fit(2)}, record=fit_record(4))
     assert one.format_version() == 3 and one.level("s8").stored.shape == (2, 4, 4)
     other_basis = Projection(acc.fit(2).mean_C + 1, acc.fit(2).basis_KC)
-    other_k = with_projections(plain, {"s8": acc.fit(3)}, images=4)
-    other_sample = with_projections(plain, {"s8": acc.fit(2)}, images=8)
+    other_k = with_projections(plain, {"s8": acc.fit(3)}, record=fit_record(4))
+    other_sample = with_projections(plain, {"s8": acc.fit(2)}, record=fit_record(8))
     prints = {
         plain.fingerprint(),
         one.fingerprint(),
-        with_projections(plain, {"s8": other_basis}, images=4).fingerprint(),
+        with_projections(plain, {"s8": other_basis}, record=fit_record(4)).fingerprint(),
         other_k.fingerprint(),
         other_sample.fingerprint(),
     }
@@ -302,6 +369,34 @@ def test_energy_chosen_k_is_the_fewest_that_keep_it_recorded_resumed_and_refused
     assert encode(assets, bank, *extra).projection.get("reused")
     with pytest.raises(BankError, match="projection_fit.energy"):
         encode(assets, bank, "bank.projection={s8: 8}", "bank.projection_energy={s4: 0.99}")
+
+
+def test_budget_bank_is_the_fixed_k_bank_of_its_allocation_recorded_resumed_and_refused_when_changed(
+    assets: Path,
+) -> None:
+    bank = assets / "budget.zarr"
+    summary = encode(assets, bank, "bank.projection={}", "bank.projection_budget=0.3")
+    opened = Bank.open(bank)
+    levels = {lv.name: lv for lv in opened.spec.levels}
+    k = {name: lv.components or lv.channels for name, lv in levels.items()}
+    values = sum(k[n] * lv.height * lv.width for n, lv in levels.items())
+    total = sum(lv.channels * lv.height * lv.width for lv in levels.values())
+    assert values <= 0.3 * total and summary.projection["values_kept"] == pytest.approx(values / total)
+    assert any(lv.components for lv in levels.values()), "a budget below 1 projects some level"
+    assert opened.spec.projection_fit == {"rule": "pca-v1", "images": 4, "budget": 0.3}
+    # the budget only chooses k: the same sample fitted with those k as fixed values gives the same bases and rows
+    fixed = {n: lv.components for n, lv in levels.items() if lv.components}
+    same = assets / "budget-fixed.zarr"
+    encode(assets, same, f"bank.projection={json.dumps(fixed)}")
+    ours, ref = bank_files(bank), bank_files(same)
+    chunks = sorted(f for f in ours if "/c/" in f)
+    assert chunks == sorted(f for f in ref if "/c/" in f) and any(f.startswith("projection/") for f in chunks)
+    assert all(ours[f] == ref[f] for f in chunks)  # features, pixels, keys and the bases
+    # the fingerprint tells them apart (a different fit record); a re-run reuses, another budget is refused
+    assert opened.spec.fingerprint() != Bank.open(same).spec.fingerprint()
+    assert encode(assets, bank, "bank.projection={}", "bank.projection_budget=0.3").projection.get("reused")
+    with pytest.raises(BankError, match="projection_fit.budget"):
+        encode(assets, bank, "bank.projection={}", "bank.projection_budget=0.4")
 
 
 def test_a_changed_basis_is_refused_on_open_and_on_resume(assets: Path) -> None:

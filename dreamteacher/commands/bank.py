@@ -78,6 +78,10 @@ def info(path: str, as_json: bool) -> None:
                 f"{b.projections[level.name].energy:.4f} on the fit sample "
                 f"({spec.projection_fit.get('images')} images, {spec.projection_fit.get('rule')})"
             )
+    if "budget" in spec.projection_fit:
+        click.echo(
+            f"projection  k per level chosen by the fit for a budget of {spec.projection_fit['budget']} of the values"
+        )
     click.echo(
         f"features    {total / 1e6:.3f} MB/view, {total * spec.num_rows / 1e9:.3f} GB in all (uncompressed)"
     )
