@@ -462,7 +462,17 @@ def reader_codec_table(
     hits all alike."""
     adm = synth_adm_rows(feats, rows)
     images = np.random.default_rng(0).integers(0, 256, (rows, 3, 256, 256), dtype=np.uint8)
-    variants = [("fp16", {}), ("int8", {}), ("fp8", {}), ("int4", {}), ("int4", {"s4": 128})]
+    budget = {
+        name: int(0.4 * c) for name, _stride, c, _size in ADM256_LEVELS
+    }  # projection_budget=0.4's bytes
+    variants = [
+        ("fp16", {}),
+        ("int8", {}),
+        ("fp8", {}),
+        ("int4", {}),
+        ("int4", {"s4": 128}),
+        ("int4", budget),
+    ]
     lines = []
     for codec, pca in variants:
         cfg = BankConfig(shard_rows=shard_rows, codec=codec, projection=pca)
@@ -483,7 +493,8 @@ def reader_codec_table(
         views = sum(len(b) for b in batches)
         best = best_reads(path, spec, batches, ceiling=True)
         view_mb = sum(d.row_nbytes for d in array_defs(spec) if d.sharded) / 1e6
-        label = codec + "".join(f" + PCA {n} k={k}" for n, k in pca.items())
+        label = codec + (" + PCA budget 0.4 (k = 0.4 C)" if pca == budget else
+                         "".join(f" + PCA {n} k={k}" for n, k in pca.items()))  # fmt: skip
         rates = {name: f"{views / s:,.0f} ({views / s * view_mb / 1e3:.2f} GB/s)" for name, s in best.items()}
         ratios = {name: best["ceiling"] / best[name] for name in CHECKS}
         lines.append(

@@ -182,6 +182,10 @@ DECODE_VARIANTS = [
     ("int4", {}),
     ("int4", {"s4": 256}),
     ("int4", {"s4": 128}),
+    # bank.projection_budget=0.4, its values split as k = 0.4 C at every level. The matmuls' work, sum_l k_l C_l H_l
+    # W_l, of any split of the same values lies within -10 % / +15 % of this one's at ADM-256 (all of the budget
+    # on the C = 512 levels / the C = 1024 levels whole, the rest at C = 512)
+    ("int4", {t.name: int(0.4 * t.channels) for t in adm_tap_shapes(PRESET)}),
 ]
 
 

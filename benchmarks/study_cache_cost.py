@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -603,6 +603,16 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=0, help="runs at once; 0 = one per core on CPU, 1 on GPU"
     )
+    parser.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated seeds instead of the grid's (a replication: e.g. 5,6,7,8,9)",
+    )
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="comma-separated variants instead of the grid's (online needs k1: added)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="KEY.PATH=VALUE overrides of the pipeline config")
     args = parser.parse_args()
@@ -611,10 +621,22 @@ def main() -> None:
     started = time.perf_counter()
     grid_name = "quick" if args.quick else args.grid
     grid = GRIDS[grid_name]
-    out = Path(args.out or f"runs/study/{grid_name}").resolve()
+    changed = bool(args.seeds or args.variants)  # not the documented grid: its report stays in <out>
+    if args.seeds:
+        grid = replace(grid, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    if args.variants:
+        names = args.variants.split(",")
+        unknown = sorted(set(names) - set(VARIANTS))
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+        if "online" in names and "k1" not in names:
+            names.append("k1")  # the bank whose pixels online re-encodes
+        first = {"online": 0, "k1": 1}  # the references lead, as in the grids
+        grid = replace(grid, variants=tuple(sorted(dict.fromkeys(names), key=lambda n: first.get(n, 2))))
+    out = Path(args.out or f"runs/study/{grid_name}{'-subset' if changed else ''}").resolve()
     in_docs = {"full": "cache-cost.md", "compact": "cache-cost-compact.md"}
     report = Path(args.report) if args.report else (REPO / "docs" / in_docs[grid_name] if grid_name in in_docs
-                                                    else out / "cache-cost.md")  # fmt: skip
+                                                    and not changed else out / "cache-cost.md")  # fmt: skip
     cfg = load_pipeline(args.config, args.overrides)
     progress = not args.no_progress
     # 0. every config, validated up front; the held-out scenes and the demo data
