@@ -20,7 +20,7 @@ from bank.layout import SUMMARY_FILE, side_dir
 from configlib import save_resolved
 from encode.distributed import run_tasks
 from encode.inputs import EncodeInputs
-from encode.projection_fit import projections_for
+from encode.projection_fit import format_spectrum, projections_for, spectrum_report
 from encode.worker import EncodeSettings, ShardTask, build_encoder, get_encoder
 from sources.images import ImageRecord, keys_sha256, list_images
 from teachers.provenance import DatasetRecord, Provenance
@@ -149,6 +149,13 @@ def plan_encode(inputs: EncodeInputs, *, use_dask: bool = True) -> EncodePlan:
     )
     measured = dataclasses.replace(inputs, encode=dataclasses.replace(enc, resolution=resolution))
     return EncodePlan(inputs=measured, records=records, settings=settings, spec=spec)
+
+
+def run_spectrum(inputs: EncodeInputs) -> str:
+    """``dreamteacher encode --spectrum``: plan in this process and report, from the projection fit's sample,
+    what each PCA rule would keep and cost (:func:`encode.projection_fit.spectrum_report`); no bank I/O."""
+    plan = plan_encode(inputs, use_dask=False)
+    return format_spectrum(spectrum_report(plan, inputs.bank))
 
 
 def run_encode(

@@ -20,9 +20,11 @@ import torch
 
 from bank.config import BankConfig
 from bank.projection import (
+    FIT_RULE,
     CovarianceAccumulator,
     Projection,
     allocate_budget,
+    components_for_energy,
     config_fit_record,
     eigenvalues,
     energy_levels,
@@ -160,3 +162,113 @@ def projections_for(
             "projection %s: k=%d of %d channels, energy kept %.4f", name, p.components, p.channels, p.energy
         )
     return spec, projections, record
+
+
+# ---- the spectrum report (``dreamteacher encode --spectrum``) --------------------------------------------------
+SPECTRUM_BUDGETS = (0.25, 0.4, 0.5)
+SPECTRUM_ENERGIES = (0.95, 0.99)
+
+
+def spectrum_report(plan, cfg: BankConfig) -> dict:
+    """What each PCA rule would keep and cost for this encode, from the fit's own sample (every level, whatever
+    ``cfg`` projects), without writing a bank: per level C, positions and the k that 95 / 99 % of the variance
+    needs; per rule (no projection, C/2 everywhere, ``projection_energy`` 0.95 / 0.99 everywhere,
+    ``projection_budget`` 0.25 / 0.4 / 0.5) the k and energy per level, the share of the values kept and the bytes
+    per image at this bank's rows per image, codecs and pixels (before any lossless compressor). The k and energy
+    are what an encode with that rule records (the same sample, :func:`allocate_budget`, the same fit)."""
+    from bank.layout import array_defs
+
+    start = time.perf_counter()
+    spec: BankSpec = plan.spec
+    accumulators = {lv.name: CovarianceAccumulator() for lv in spec.levels}
+    sample = sample_indices(spec.num_images, cfg.projection_images)
+    views = 0
+    for feats in _sample_features(plan, cfg, sample):
+        views += next(iter(feats.values())).shape[0]
+        for name, acc in accumulators.items():
+            acc.add(feats[name])
+    if views == 0:
+        raise BankError(f"none of the {len(sample)} sample images could be decoded; check the dataset")
+    evals = {name: eigenvalues(acc.covariance()[1]) for name, acc in accumulators.items()}
+    positions = {lv.name: lv.height * lv.width for lv in spec.levels}
+    channels = {lv.name: lv.channels for lv in spec.levels}
+    total_values = sum(channels[n] * positions[n] for n in channels)
+
+    def energy(name: str, k: int) -> float:
+        total = float(evals[name].sum())
+        return float(evals[name][:k].sum()) / total if total > 0 else 1.0
+
+    def image_bytes(ks: dict[str, int]) -> int:
+        levels = [
+            dataclasses.replace(
+                lv,
+                components=ks[lv.name] if ks[lv.name] < lv.channels else 0,
+                basis_sha256="x" if ks[lv.name] < lv.channels else "",
+            )  # fmt: skip
+            for lv in spec.levels
+        ]
+        fit = {"rule": FIT_RULE} if any(lv.components for lv in levels) else {}
+        defs = array_defs(dataclasses.replace(spec, levels=levels, projection_fit=fit))
+        return sum(d.row_nbytes * (1 if d.per_image else spec.views_per_image) for d in defs)
+
+    rules: dict[str, dict[str, int]] = {
+        "none": dict(channels),
+        "k = C/2": {n: c // 2 for n, c in channels.items()},
+    }
+    for target in SPECTRUM_ENERGIES:
+        rules[f"projection_energy={target}"] = {
+            n: min(components_for_energy(evals[n], target), channels[n]) for n in channels
+        }
+    for budget in SPECTRUM_BUDGETS:
+        try:
+            rules[f"projection_budget={budget}"] = allocate_budget(evals, positions, budget)
+        except BankError:
+            continue  # below one component per level for this teacher
+    return {
+        "images": len(sample),
+        "views": views,
+        "seconds": time.perf_counter() - start,
+        "rows_per_image": spec.views_per_image,
+        "levels": {
+            n: {
+                "channels": channels[n],
+                "positions": positions[n],
+                "k95": rules["projection_energy=0.95"][n],
+                "k99": rules["projection_energy=0.99"][n],
+            }
+            for n in channels
+        },  # fmt: skip
+        "rules": {
+            rule: {
+                "k": ks,
+                "energy": {n: energy(n, k) for n, k in ks.items()},
+                "values_kept": sum(ks[n] * positions[n] for n in ks) / total_values,
+                "bytes_per_image": image_bytes(ks),
+            }
+            for rule, ks in rules.items()
+        },
+    }
+
+
+def format_spectrum(report: dict) -> str:
+    """The report as text: the levels, then one line per rule."""
+    levels = report["levels"]
+    lines = [
+        f"projection spectrum: {report['images']} sample images, {report['views']} views "
+        f"({report['seconds']:.1f} s); {report['rows_per_image']} rows per image",
+        "level   C      positions  k for 95%  k for 99%",
+    ]
+    for name, lv in levels.items():
+        lines.append(f"{name:<7} {lv['channels']:<6} {lv['positions']:<10} {lv['k95']:<10} {lv['k99']}")
+    names = " / ".join(levels)
+    lines.append(
+        f"{'rule':<26} {'k per level (' + names + ')':<34} {'energy kept per level':<34} values  per image"
+    )
+    for rule, r in report["rules"].items():
+        ks = " / ".join(str(r["k"][n]) for n in levels)
+        energy = " / ".join(f"{r['energy'][n]:.3f}" for n in levels)
+        nbytes = r["bytes_per_image"]
+        size = f"{nbytes / 1e6:.3f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.1f} kB"
+        lines.append(f"{rule:<26} {ks:<34} {energy:<34} {r['values_kept']:.3f}   {size}")
+    lines.append("per image: this bank's rows per image, codecs and pixels, before any lossless compressor.")
+    return "\n".join(lines)

@@ -399,6 +399,47 @@ def test_budget_bank_is_the_fixed_k_bank_of_its_allocation_recorded_resumed_and_
         encode(assets, bank, "bank.projection={}", "bank.projection_budget=0.4")
 
 
+def test_spectrum_report_predicts_what_each_rule_encodes_and_writes_nothing(assets: Path) -> None:
+    from bank.spec import KEY_BYTES
+    from encode.pipeline import plan_encode
+    from encode.projection_fit import spectrum_report
+
+    bank = assets / "spectrum.zarr"
+    extra = ("bank.projection={}", "bank.codec=fp16", "bank.pixels=rows", "bank.pixel_compressor=none")
+    clear_caches()
+    inputs = resolve(load_pipeline(ROOT / "pipeline.yaml", overrides(assets, bank, *extra)), "encode")
+    report = spectrum_report(plan_encode(inputs, use_dask=False), inputs.bank)
+    assert not bank.exists()
+    # bytes per image by hand: 2 rows (one draw, both flips) of fp16 levels, uint8 32x32 pixels and the row's
+    # key (KEY_BYTES), source index, draw, flip, seed (int64) and ok (bool)
+    per_row = 3 * 32 * 32 + KEY_BYTES + 4 * 8 + 1
+    values = {n: lv["channels"] * lv["positions"] for n, lv in report["levels"].items()}
+    assert report["rules"]["none"]["bytes_per_image"] == 2 * (2 * sum(values.values()) + per_row)
+    assert report["rules"]["k = C/2"]["bytes_per_image"] == 2 * (2 * sum(values.values()) // 2 + per_row)
+    # what an encode with a rule records is what the report said: k and energy per level
+    budget = report["rules"]["projection_budget=0.4"]
+    encode(assets, bank, *extra, "bank.projection_budget=0.4")
+    opened = Bank.open(bank)
+    for lv in opened.spec.levels:
+        assert (lv.components or lv.channels) == budget["k"][lv.name], lv.name
+        if lv.components:
+            assert opened.projections[lv.name].energy == pytest.approx(budget["energy"][lv.name], rel=1e-5)
+    energy = report["rules"]["projection_energy=0.95"]
+    everywhere = "{" + ", ".join(f"{n}: 0.95" for n in report["levels"]) + "}"
+    summary = encode(assets, assets / "spectrum-e.zarr", *extra, f"bank.projection_energy={everywhere}")
+    assert {n: lv["k"] for n, lv in summary.projection["levels"].items()} == energy["k"]
+    # the command prints it, one line per rule
+    out = CliRunner().invoke(
+        main, ["encode", "--spectrum", "--config", str(ROOT / "pipeline.yaml"),
+               *overrides(assets, assets / "none.zarr", *extra)], catch_exceptions=False,
+    ).output  # fmt: skip
+    assert "projection_budget=0.4" in out and "k for 95%" in out and not (assets / "none.zarr").exists()
+    rule_lines = [
+        line.split()[0] for line in out.splitlines() if line.startswith(("none", "k =", "projection_"))
+    ]
+    assert rule_lines == ["none", "k", *(r for r in report["rules"] if r.startswith("projection_"))]
+
+
 def test_a_changed_basis_is_refused_on_open_and_on_resume(assets: Path) -> None:
     bank = assets / "tampered.zarr"
     encode(assets, bank)

@@ -24,6 +24,11 @@ from dreamteacher.schema import PipelineConfig
     help="Submit N SLURM jobs (one dask worker each, encode.slurm.*) and encode on them; needs dask-jobqueue.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option(
+    "--spectrum",
+    is_flag=True,
+    help="Fit the projection sample only and print what each PCA rule would keep and cost; writes no bank.",
+)
 @config_options
 def encode(
     cfg: PipelineConfig,
@@ -32,6 +37,7 @@ def encode(
     no_dask: bool,
     slurm_jobs: int | None,
     quiet: bool,
+    spectrum: bool,
 ) -> None:
     """Encode images with the diffusion teacher into a feature bank (resumable: re-run to finish).
 
@@ -39,8 +45,14 @@ def encode(
     """
     from bank import BankError
     from dreamteacher.resolve import resolve
-    from encode.pipeline import run_encode
+    from encode.pipeline import run_encode, run_spectrum
 
+    if spectrum:
+        try:
+            click.echo(run_spectrum(resolve(cfg, "encode")))
+        except (ConfigError, BankError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        return
     if sum(bool(x) for x in (no_dask, scheduler, slurm_jobs)) > 1:
         raise click.UsageError("--no-dask, --scheduler and --slurm exclude each other")
     try:
