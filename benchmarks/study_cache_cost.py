@@ -580,6 +580,24 @@ def format_level_table(rows: list[dict[str, Any]], plan: StudyPlan, grid: Grid) 
     return "\n".join(lines)
 
 
+def subset(grid: Grid, seeds: str, variants: str) -> Grid:
+    """``grid`` with ``--seeds`` / ``--variants`` (comma-separated; empty = the grid's): a replication on other
+    seeds, or a few variants. ``online`` brings ``k1`` (the bank whose pixels it re-encodes); the references lead,
+    as in the grids."""
+    if seeds:
+        grid = replace(grid, seeds=tuple(int(s) for s in seeds.split(",")))
+    if variants:
+        names = variants.split(",")
+        unknown = sorted(set(names) - set(VARIANTS))
+        if unknown:
+            raise ValueError(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+        if "online" in names and "k1" not in names:
+            names.append("k1")
+        first = {"online": 0, "k1": 1}
+        grid = replace(grid, variants=tuple(sorted(dict.fromkeys(names), key=lambda n: first.get(n, 2))))
+    return grid
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -622,17 +640,10 @@ def main() -> None:
     grid_name = "quick" if args.quick else args.grid
     grid = GRIDS[grid_name]
     changed = bool(args.seeds or args.variants)  # not the documented grid: its report stays in <out>
-    if args.seeds:
-        grid = replace(grid, seeds=tuple(int(s) for s in args.seeds.split(",")))
-    if args.variants:
-        names = args.variants.split(",")
-        unknown = sorted(set(names) - set(VARIANTS))
-        if unknown:
-            parser.error(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
-        if "online" in names and "k1" not in names:
-            names.append("k1")  # the bank whose pixels online re-encodes
-        first = {"online": 0, "k1": 1}  # the references lead, as in the grids
-        grid = replace(grid, variants=tuple(sorted(dict.fromkeys(names), key=lambda n: first.get(n, 2))))
+    try:
+        grid = subset(grid, args.seeds, args.variants)
+    except ValueError as exc:
+        parser.error(str(exc))
     out = Path(args.out or f"runs/study/{grid_name}{'-subset' if changed else ''}").resolve()
     in_docs = {"full": "cache-cost.md", "compact": "cache-cost-compact.md"}
     report = Path(args.report) if args.report else (REPO / "docs" / in_docs[grid_name] if grid_name in in_docs

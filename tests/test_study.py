@@ -81,6 +81,23 @@ def test_every_grid_plans_valid_stage_configs(study, tmp_path) -> None:
         assert set(rows_per_shard.values()) == {grid.images_per_shard}  # the same data order for every bank
 
 
+def test_a_subset_replicates_on_other_seeds_with_its_references(study, tmp_path) -> None:
+    compact = study.GRIDS["compact"]
+    grid = study.subset(compact, "5,6", "compact-budget40,online")
+    assert grid.seeds == (5, 6) and grid.variants == ("online", "k1", "compact-budget40")
+    assert (grid.images, grid.distill_steps) == (compact.images, compact.distill_steps)  # the same recipe
+    assert study.subset(compact, "", "") == compact
+    with pytest.raises(ValueError, match=r"--variants: unknown \['nope'\]"):
+        study.subset(compact, "", "k1,nope")
+    from dreamteacher.schema import load_pipeline
+
+    plan = study.plan_study(load_pipeline(REPO / "pipeline.yaml"), grid, tmp_path)
+    assert set(plan.banks) == {"k1", "compact-budget40"}  # online reads k1's pixels
+    # the variant's budget survives the pinned base (which zeroes it for every other bank)
+    assert plan.banks["compact-budget40"].bank.projection_budget == 0.4
+    assert plan.banks["k1"].bank.projection_budget == 0
+
+
 def test_the_debug_grid_runs_end_to_end_and_reuses_finished_runs(tmp_path) -> None:
     out, report = tmp_path / "study", tmp_path / "report.md"
     command = [sys.executable, str(SCRIPT), "--grid", "debug", "--no-progress", f"--out={out}", f"--report={report}",
