@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 from PIL import Image
+from timing import cpu_model
 
 from bank import Bank, BankSpec, BankWriter, EpochSampler, ShardRows, make_codec, spec_from_config
 from bank.config import BankConfig
@@ -742,7 +743,7 @@ def main() -> None:
     images = real_images(teacher.resolution, args.crops)
     feats = encode_features(teacher, images, args.t, draws=2)
     machine = (
-        f"{platform.machine()} {os.cpu_count()}-core CPU, no GPU, 1-min load average {os.getloadavg()[0]:.1f} "
+        f"{platform.machine()} {os.cpu_count()}-core CPU ({cpu_model()}), no GPU, 1-min load average {os.getloadavg()[0]:.1f} "
         "at the start; 1 thread"
     )
     views = next(iter(feats.values())).shape[0]

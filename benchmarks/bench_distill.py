@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timing import synced
+from timing import cpu_model, synced
 
 from bank import BankWriter, ShardRows, make_loader, spec_from_config
 from bank.config import BankConfig
@@ -230,7 +229,9 @@ def bench_decode_cost(
             start = synced(device)
             decode_targets(payload, device, projections=projections)
             times.append(synced(device) - start)
-        label = codec_name + "".join(f" + PCA {n} k={k}" for n, k in pca.items())
+        budget = len(pca) == len(taps)  # the budget row: every level projected
+        label = codec_name + (" + PCA budget 0.4 (k = 0.4 C)" if budget else
+                              "".join(f" + PCA {n} k={k}" for n, k in pca.items()))  # fmt: skip
         decode_s[label] = statistics.median(times)
     # the student step with fixed float targets (the decode excluded)
     targets = {name: x.to(device) for name, x in feats.items()}
@@ -272,7 +273,7 @@ def decode_cost_lines(result: dict) -> list[str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     return (
         f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"no GPU; 1-min load average {os.getloadavg()[0]:.1f} at the end"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -30,6 +29,7 @@ import click
 import numpy as np
 import torch
 from PIL import Image
+from timing import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -448,7 +448,7 @@ def main(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not machine:
         gpu = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU"
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}"
+        machine = f"{cpu_model()}, {os.cpu_count()} cores, {gpu}"
     default_threads = torch.get_num_threads()
     unets = []
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp_name:

@@ -461,8 +461,9 @@ def plot(rows: list[dict[str, Any]], file: Path) -> None:
 
 def machine() -> str:
     import torch
+    from timing import cpu_model
 
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.system()} {cpu}, {cores} CPU cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
