@@ -52,18 +52,8 @@ def fit_projections(plan, cfg: BankConfig) -> tuple[dict[str, Projection], dict[
     spec: BankSpec = plan.spec
     fixed, energy = projected_levels(cfg), energy_levels(cfg)
     wanted = [lv.name for lv in spec.levels] if cfg.projection_budget else sorted([*fixed, *energy])
-    accumulators = {name: CovarianceAccumulator() for name in wanted}
     # 1. the sample's features, as the rows will hold them
-    sample = sample_indices(spec.num_images, cfg.projection_images)
-    views = 0
-    for feats in _sample_features(plan, cfg, sample):
-        views += next(iter(feats.values())).shape[0]
-        for name, acc in accumulators.items():
-            acc.add(feats[name])
-    if views == 0:
-        raise BankError(
-            f"bank.projection: none of the {len(sample)} sample images could be decoded; check the dataset"
-        )
+    accumulators, sample, views = _accumulate(plan, cfg, wanted)
     # 2. k per level (given, by energy, or by the budget over all levels), then the bases
     if not cfg.projection_budget:
         projections = {
@@ -88,6 +78,24 @@ def fit_projections(plan, cfg: BankConfig) -> tuple[dict[str, Projection], dict[
         "values_kept": kept,
         "unprojected": sorted(set(ks) - set(projections)),
     }
+
+
+def _accumulate(
+    plan, cfg: BankConfig, levels: list[str]
+) -> tuple[dict[str, CovarianceAccumulator], list[int], int]:
+    """The fit sample's covariance per level of ``levels``, its image (row) indices and its view count."""
+    accumulators = {name: CovarianceAccumulator() for name in levels}
+    sample = sample_indices(plan.spec.num_images, cfg.projection_images)
+    views = 0
+    for feats in _sample_features(plan, cfg, sample):
+        views += next(iter(feats.values())).shape[0]
+        for name, acc in accumulators.items():
+            acc.add(feats[name])
+    if views == 0:
+        raise BankError(
+            f"bank.projection: none of the {len(sample)} sample images could be decoded; check the dataset"
+        )
+    return accumulators, sample, views
 
 
 def _sample_features(plan, cfg: BankConfig, sample: list[int]) -> Iterator[dict[str, torch.Tensor]]:
@@ -180,15 +188,7 @@ def spectrum_report(plan, cfg: BankConfig) -> dict:
 
     start = time.perf_counter()
     spec: BankSpec = plan.spec
-    accumulators = {lv.name: CovarianceAccumulator() for lv in spec.levels}
-    sample = sample_indices(spec.num_images, cfg.projection_images)
-    views = 0
-    for feats in _sample_features(plan, cfg, sample):
-        views += next(iter(feats.values())).shape[0]
-        for name, acc in accumulators.items():
-            acc.add(feats[name])
-    if views == 0:
-        raise BankError(f"none of the {len(sample)} sample images could be decoded; check the dataset")
+    accumulators, sample, views = _accumulate(plan, cfg, [lv.name for lv in spec.levels])
     evals = {name: eigenvalues(acc.covariance()[1]) for name, acc in accumulators.items()}
     positions = {lv.name: lv.height * lv.width for lv in spec.levels}
     channels = {lv.name: lv.channels for lv in spec.levels}
