@@ -359,22 +359,25 @@ def summarise(plan: StudyPlan, banks: dict, results: dict) -> list[dict[str, Any
         for ref_name, suffix in (("online", ""), ("k1", "_fp16")):  # vs fresh online; vs the K=1 fp16 bank
             if ref_name in plan.grid.variants:
                 ref = {s: results[(ref_name, s)] for s in seeds}
-                row["d_mse" + suffix] = mean_ci(
-                    [per_seed[s]["fidelity"]["mse"] - ref[s]["fidelity"]["mse"] for s in seeds]
-                )
+                for metric in ("mse", "at"):
+                    row[f"d_{metric}{suffix}"] = mean_ci(
+                        [per_seed[s]["fidelity"][metric] - ref[s]["fidelity"][metric] for s in seeds]
+                    )
                 row["d_mIoU" + suffix] = mean_ci([per_seed[s]["mIoU"] - ref[s]["mIoU"] for s in seeds])
         rows.append(row)
     return rows
 
 
 def within_noise(row: dict[str, Any]) -> bool:
-    """Not measurably worse than fresh online: each paired 95% interval reaches the no-loss side."""
-    d_mse, d_miou = row.get("d_mse"), row.get("d_mIoU")
+    """Not measurably worse than fresh online: each paired 95% interval (held-out mse and attention-transfer
+    distance: lower is better; few-label mIoU: higher is better) reaches the no-loss side."""
+    d_mse, d_at, d_miou = row.get("d_mse"), row.get("d_at"), row.get("d_mIoU")
     if d_mse is None or row["variant"] == "online":
         return row["variant"] == "online"
-    ok_mse = d_mse["mean"] - d_mse["ci95"] <= 0.0  # lower mse is better
+    ok_mse = d_mse["mean"] - d_mse["ci95"] <= 0.0
+    ok_at = d_at is None or d_at["mean"] - d_at["ci95"] <= 0.0  # rows summarised before AT was paired
     ok_miou = d_miou["mean"] + d_miou["ci95"] >= 0.0
-    return bool(ok_mse and ok_miou)
+    return bool(ok_mse and ok_at and ok_miou)
 
 
 def _pm(stat: dict[str, float], digits: int, sign: bool = False) -> str:
@@ -386,17 +389,18 @@ def _pm(stat: dict[str, float], digits: int, sign: bool = False) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| variant | bank bytes / image | encode ms / image | distill s / step | held-out mse | cos | at | "
-        "Δmse vs online | few-label mIoU | ΔmIoU vs online | within noise |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Δmse vs online | Δat vs online | few-label mIoU | ΔmIoU vs online | within noise |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         size = "(no bank)" if r["bytes_per_image"] == 0 else f"{r['bytes_per_image'] / 1e3:,.1f} kB"
         enc = "" if math.isnan(r["encode_ms_per_image"]) else f"{r['encode_ms_per_image']:.1f}"
         d_mse = _pm(r["d_mse"], 4, True) if "d_mse" in r else ""
+        d_at = _pm(r["d_at"], 4, True) if "d_at" in r else ""
         d_miou = _pm(r["d_mIoU"], 2, True) if "d_mIoU" in r else ""
         lines.append(
             f"| {r['label']} | {size} | {enc} | {r['step_s']['mean']:.3f} | {_pm(r['mse'], 4)} | "
-            f"{_pm(r['cos'], 4)} | {_pm(r['at'], 4)} | {d_mse} | {_pm(r['mIoU'], 2)} | {d_miou} | "
+            f"{_pm(r['cos'], 4)} | {_pm(r['at'], 4)} | {d_mse} | {d_at} | {_pm(r['mIoU'], 2)} | {d_miou} | "
             f"{'yes' if within_noise(r) else 'no'} |"
         )
     return "\n".join(lines)
@@ -518,15 +522,17 @@ def write_report(
         f"- command: `{command}`",
         f"- machine: {machine()}",
         f"- wall time: {timings['total'] / 60:.1f} min (encode {timings['encode'] / 60:.1f} min, runs "
-        f"{timings['runs'] / 60:.1f} min, {timings['workers']} runs at once x {timings['threads']} thread(s))",
+        f"{timings['runs'] / 60:.1f} min, {timings['workers']} runs at once x {timings['threads']} thread(s))"
+        + (f"; this report re-made from those finished runs in {timings['remade_s']:.0f} s" if "remade_s" in timings
+           else ""),
         f"- grid: {grid.images} bank images (demo scenes), {len(grid.seeds)} seeds {list(grid.seeds)}, distill "
         f"{grid.distill_steps} steps, few-label fine-tune {grid.finetune_iters} iterations, held-out fidelity on "
         f"{grid.heldout} scenes x M = {grid.eval_draws} fresh draws",
         "",
         format_table(rows),
         "",
-        "Δ = variant - fresh online per seed, mean ± 95% Student-t interval over the seeds. *Within noise*: neither "
-        "paired interval excludes no loss (mse not higher, mIoU not lower). Encode ms / image: the bank's encode wall "
+        "Δ = variant - fresh online per seed, mean ± 95% Student-t interval over the seeds. *Within noise*: no "
+        "paired interval excludes no loss (mse and attention transfer not higher, mIoU not lower). Encode ms / image: the bank's encode wall "
         "time (in-process, 2 threads, after a warm-up encode) / images. Distill s / step: the runs' own step time, "
         "measured with the runs side by side as stated above.",
         "",
@@ -542,7 +548,7 @@ def write_report(
         "",
         (f"Cheapest bank within the noise of fresh online: **{cheapest['label']}** "
          f"({cheapest['bytes_per_image'] / 1e3:,.1f} kB per image)." if cheapest else
-         "No bank is within the noise of fresh online on both held-out mse and few-label mIoU."),
+         "No bank is within the noise of fresh online on held-out mse, attention transfer and few-label mIoU."),
         "",
         f"![held-out mse and few-label mIoU against bank bytes per image]({out_file.with_suffix('.png').name})",
         "",
@@ -558,10 +564,11 @@ def fp16_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not paired:
         return []
     lines = ["Paired against the K=1 fp16 bank (variant - K=1 fp16 per seed, mean ± 95% interval):", "",
-             "| variant | bank bytes / image | Δmse vs fp16 bank | ΔmIoU vs fp16 bank |", "|---|---|---|---|"]  # fmt: skip
+             "| variant | bank bytes / image | Δmse vs fp16 bank | Δat vs fp16 bank | ΔmIoU vs fp16 bank |",
+             "|---|---|---|---|---|"]  # fmt: skip
     for r in paired:
         lines.append(f"| {r['label']} | {r['bytes_per_image'] / 1e3:,.1f} kB | {_pm(r['d_mse_fp16'], 4, True)} | "
-                     f"{_pm(r['d_mIoU_fp16'], 2, True)} |")  # fmt: skip
+                     f"{_pm(r['d_at_fp16'], 4, True)} | {_pm(r['d_mIoU_fp16'], 2, True)} |")  # fmt: skip
     return [*lines, ""]
 
 
@@ -668,10 +675,16 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = args.workers or (1 if on_gpu else cores)
     threads = 0 if on_gpu else max(1, cores // workers)
+    finished = all(
+        (Path(d.distill.out) / d.distill.exp / "study.json").is_file() for d, _ in plan.jobs.values()
+    )
     tick = time.perf_counter()
     results = plan.results = run_jobs(plan, workers, threads, progress)
     timings.update(runs=time.perf_counter() - tick, workers=workers, threads=threads or "default")
     timings["total"] = time.perf_counter() - started
+    previous = out / "results.json"
+    if finished and previous.is_file():  # every run read back: the report keeps the runs' own timings
+        timings = {**json.loads(previous.read_text())["timings"], "remade_s": timings["total"]}
     # 3. table, plot, report, results.json
     rows = summarise(plan, banks, results)
     command = "make study" + ("" if grid_name == "full" else f" ARGS=--grid={grid_name}")

@@ -35,10 +35,10 @@ def test_mean_and_paired_interval_by_hand(study) -> None:
 
 
 def test_within_noise_and_the_pareto_front(study) -> None:
-    def row(name, size, mse, d_mse, d_miou):
+    def row(name, size, mse, d_mse, d_miou, d_at=(0.0, 0.01)):
         stat = lambda m, h: {"mean": m, "ci95": h}  # noqa: E731
         return {"variant": name, "bytes_per_image": size, "mse": stat(mse, 0.0), "d_mse": stat(*d_mse),
-                "d_mIoU": stat(*d_miou)}  # fmt: skip
+                "d_mIoU": stat(*d_miou), "d_at": stat(*d_at)}  # fmt: skip
 
     rows = [
         row("online", 0, 0.70, (0, 0), (0, 0)),
@@ -46,9 +46,10 @@ def test_within_noise_and_the_pareto_front(study) -> None:
         row("worse", 10, 0.80, (0.05, 0.02), (-1.0, 2.0)),  # mse interval entirely above 0
         row("blunt", 50, 0.72, (0.01, 0.02), (-3.0, 1.0)),  # mIoU interval entirely below 0
         row("dominated", 120, 0.75, (0.01, 0.02), (0.0, 1.0)),
+        row("blurred", 60, 0.69, (-0.01, 0.005), (0.0, 1.0), d_at=(0.005, 0.002)),  # AT interval above 0
     ]
-    assert [study.within_noise(r) for r in rows] == [True, True, False, False, True]
-    assert study.pareto(rows) == ["worse", "blunt", "big"]
+    assert [study.within_noise(r) for r in rows] == [True, True, False, False, True, False]
+    assert study.pareto(rows) == ["worse", "blunt", "blurred"]
 
 
 def test_variants_pair_with_online_and_with_the_fp16_bank_by_seed(study, tmp_path) -> None:
@@ -59,14 +60,21 @@ def test_variants_pair_with_online_and_with_the_fp16_bank_by_seed(study, tmp_pat
            ("int4", 1): 0.62}  # fmt: skip
     miou = {("online", 0): 60.0, ("online", 1): 58.0, ("k1", 0): 59.0, ("k1", 1): 58.5, ("int4", 0): 57.0,
             ("int4", 1): 59.5}  # fmt: skip
-    results = {key: {"step_s": 1.0, "mIoU": miou[key], "fidelity": {"mse": m, "cos": 0.5, "at": 0.1,
+    at = {("online", 0): 0.10, ("online", 1): 0.12, ("k1", 0): 0.11, ("k1", 1): 0.12, ("int4", 0): 0.13,
+          ("int4", 1): 0.125}  # fmt: skip
+    results = {key: {"step_s": 1.0, "mIoU": miou[key], "fidelity": {"mse": m, "cos": 0.5, "at": at[key],
                "floor_mse": 0.02}} for key, m in mse.items()}  # fmt: skip
     banks = {name: {"bytes_per_image": 10.0, "encode_s_per_image": 0.01} for name in ("k1", "int4")}
     int4 = study.summarise(plan, banks, results)[2]
     assert int4["d_mse"]["values"] == pytest.approx([0.05, 0.02])  # - online, per seed
     assert int4["d_mse_fp16"]["values"] == pytest.approx([0.03, 0.01])  # - K=1 fp16, per seed
     assert int4["d_mIoU_fp16"]["values"] == pytest.approx([-2.0, 1.0])
-    assert "| K=1 int4 | 0.0 kB | +0.0200 ± 0.1271 | -0.50 ± 19.06 |" in "\n".join(study.fp16_lines([int4]))
+    assert int4["d_at"]["values"] == pytest.approx([0.03, 0.005])
+    assert int4["d_at_fp16"]["values"] == pytest.approx([0.02, 0.005])
+    # AT: mean 0.0125, half-width t(0.975, 1) * std([0.02, 0.005]) / sqrt(2) = 12.706 * 0.0075
+    assert "| K=1 int4 | 0.0 kB | +0.0200 ± 0.1271 | +0.0125 ± 0.0953 | -0.50 ± 19.06 |" in "\n".join(
+        study.fp16_lines([int4])
+    )
 
 
 def test_every_grid_plans_valid_stage_configs(study, tmp_path) -> None:
