@@ -125,3 +125,7 @@ def test_the_debug_grid_runs_end_to_end_and_reuses_finished_runs(tmp_path) -> No
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in out.glob("distill/*/study.json")} == stamp
     assert "hand-written finding" in report.read_text()
+    # ... and the re-made report keeps the runs' own timings, saying it was re-made
+    remade = json.loads((out / "results.json").read_text())["timings"]
+    assert remade["total"] == results["timings"]["total"] and remade["remade_s"] > 0
+    assert "this report re-made from those finished runs" in report.read_text()
