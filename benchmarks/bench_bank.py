@@ -28,7 +28,7 @@ from timing import cpu_model
 from bank import Bank, BankSpec, BankWriter, EpochSampler, ShardRows, make_codec, spec_from_config
 from bank.config import BankConfig
 from bank.layout import array_defs
-from bank.projection import CovarianceAccumulator, Projection, config_fit_record, with_projections
+from bank.projection import CovarianceAccumulator, Projection, config_fit_record, even_split, with_projections
 from bank.spec import LevelSpec
 from bank.wds import export_wds, iter_rows
 from teachers.config import TeacherConfig
@@ -38,6 +38,8 @@ from teachers.registry import build_teacher, resolve_taps
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TEACHER = ROOT / "assets" / "demo-teacher"
 SAMPLE_IMAGES = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
+BUDGET_LABEL = "int4 + PCA budget 0.4 (k = 0.4 C)"
+"""``bank.projection_budget=0.4``'s bytes, its values split evenly (:func:`bank.projection.even_split`)."""
 ADM256_LEVELS = [("s32", 32, 1024, 8), ("s16", 16, 1024, 16), ("s8", 8, 512, 32), ("s4", 4, 512, 64)]
 PROJECT = "project reader (Bank.read_rows, sampler batches of 16; every chunk's crc32c checked on every read)"
 PROJECT_FIRST = (
@@ -463,19 +465,11 @@ def reader_codec_table(
     hits all alike."""
     adm = synth_adm_rows(feats, rows)
     images = np.random.default_rng(0).integers(0, 256, (rows, 3, 256, 256), dtype=np.uint8)
-    budget = {
-        name: int(0.4 * c) for name, _stride, c, _size in ADM256_LEVELS
-    }  # projection_budget=0.4's bytes
-    variants = [
-        ("fp16", {}),
-        ("int8", {}),
-        ("fp8", {}),
-        ("int4", {}),
-        ("int4", {"s4": 128}),
-        ("int4", budget),
-    ]
+    budget = even_split({name: c for name, _stride, c, _size in ADM256_LEVELS}, 0.4)  # projection_budget=0.4
+    variants = [("fp16", "fp16", {}), ("int8", "int8", {}), ("fp8", "fp8", {}), ("int4", "int4", {}),
+                ("int4 + PCA s4 k=128", "int4", {"s4": 128}), (BUDGET_LABEL, "int4", budget)]  # fmt: skip
     lines = []
-    for codec, pca in variants:
+    for label, codec, pca in variants:
         cfg = BankConfig(shard_rows=shard_rows, codec=codec, projection=pca)
         spec = bench_spec(cfg, adm, 256)
         projections = {}
@@ -494,8 +488,6 @@ def reader_codec_table(
         views = sum(len(b) for b in batches)
         best = best_reads(path, spec, batches, ceiling=True)
         view_mb = sum(d.row_nbytes for d in array_defs(spec) if d.sharded) / 1e6
-        label = codec + (" + PCA budget 0.4 (k = 0.4 C)" if pca == budget else
-                         "".join(f" + PCA {n} k={k}" for n, k in pca.items()))  # fmt: skip
         rates = {name: f"{views / s:,.0f} ({views / s * view_mb / 1e3:.2f} GB/s)" for name, s in best.items()}
         ratios = {name: best["ceiling"] / best[name] for name in CHECKS}
         lines.append(
@@ -660,7 +652,7 @@ def size_table(zstd_ratio: float, png_ratio: float) -> tuple[list[str], list[str
         f"int4+PCA s4 k={s4.channels // 4}": ("int4", {s4.name: s4.channels // 4}),
         # a budget's bytes do not depend on how the fit splits the values between levels, but for the codec's
         # per-(row, channel group) scales (< 0.2 % of a view): k = budget x C at every level stands for any split
-        "int4+PCA budget 0.4": ("int4", {lv.name: int(0.4 * lv.channels) for lv in levels}),
+        "int4+PCA budget 0.4": ("int4", even_split({lv.name: lv.channels for lv in levels}, 0.4)),
     }
     per_view = {label: view_feature_bytes(levels, codec, pca) for label, (codec, pca) in codecs.items()}
     values = sum(lv.channels * lv.height * lv.width for lv in levels)

@@ -26,6 +26,7 @@ from timing import cpu_model, synced
 
 from bank import BankWriter, ShardRows, make_loader, spec_from_config
 from bank.config import BankConfig
+from bank.projection import even_split
 from distill.model import DistillNet
 from distill.student import build_student
 from distill.train import build_optimizer, build_schedule, run_distill
@@ -175,17 +176,22 @@ def bench_online_mode(bank: Path, batch: int, steps: int, warmup: int) -> dict[s
 
 
 DECODE_VARIANTS = [
-    ("fp16", {}),
-    ("int8", {}),
-    ("fp8", {}),
-    ("int4", {}),
-    ("int4", {"s4": 256}),
-    ("int4", {"s4": 128}),
+    ("fp16", "fp16", {}),
+    ("int8", "int8", {}),
+    ("fp8", "fp8", {}),
+    ("int4", "int4", {}),
+    ("int4 + PCA s4 k=256", "int4", {"s4": 256}),
+    ("int4 + PCA s4 k=128", "int4", {"s4": 128}),
     # bank.projection_budget=0.4, its values split as k = 0.4 C at every level. The matmuls' work, sum_l k_l C_l H_l
     # W_l, of any split of the same values lies within -10 % / +15 % of this one's at ADM-256 (all of the budget
     # on the C = 512 levels / the C = 1024 levels whole, the rest at C = 512)
-    ("int4", {t.name: int(0.4 * t.channels) for t in adm_tap_shapes(PRESET)}),
+    (
+        "int4 + PCA budget 0.4 (k = 0.4 C)",
+        "int4",
+        even_split({t.name: t.channels for t in adm_tap_shapes(PRESET)}, 0.4),
+    ),
 ]
+"""(label, codec, k per projected level) of each decode-cost row."""
 
 
 def bench_decode_cost(
@@ -208,7 +214,7 @@ def bench_decode_cost(
         for t in taps
     }
     decode_s: dict[str, float] = {}
-    for codec_name, pca in DECODE_VARIANTS:
+    for label, codec_name, pca in DECODE_VARIANTS:
         codec = make_codec(codec_name)
         projections, payload = {}, {}
         for name, x in feats.items():
@@ -229,9 +235,6 @@ def bench_decode_cost(
             start = synced(device)
             decode_targets(payload, device, projections=projections)
             times.append(synced(device) - start)
-        budget = len(pca) == len(taps)  # the budget row: every level projected
-        label = codec_name + (" + PCA budget 0.4 (k = 0.4 C)" if budget else
-                              "".join(f" + PCA {n} k={k}" for n, k in pca.items()))  # fmt: skip
         decode_s[label] = statistics.median(times)
     # the student step with fixed float targets (the decode excluded)
     targets = {name: x.to(device) for name, x in feats.items()}

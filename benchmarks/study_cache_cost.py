@@ -375,7 +375,7 @@ def within_noise(row: dict[str, Any]) -> bool:
     if d_mse is None or row["variant"] == "online":
         return row["variant"] == "online"
     ok_mse = d_mse["mean"] - d_mse["ci95"] <= 0.0
-    ok_at = d_at is None or d_at["mean"] - d_at["ci95"] <= 0.0  # rows summarised before AT was paired
+    ok_at = d_at["mean"] - d_at["ci95"] <= 0.0
     ok_miou = d_miou["mean"] + d_miou["ci95"] >= 0.0
     return bool(ok_mse and ok_at and ok_miou)
 

@@ -27,12 +27,15 @@ from bank.projection import (
     components_for_energy,
     config_fit_record,
     eigenvalues,
+    energy_kept,
     energy_levels,
+    even_split,
     fit_from_covariance,
     fits_any,
     projected_levels,
     sample_indices,
     stored_projections,
+    values_kept,
     with_projections,
 )
 from bank.spec import BankError, BankSpec
@@ -66,16 +69,16 @@ def fit_projections(plan, cfg: BankConfig) -> tuple[dict[str, Projection], dict[
     ks = allocate_budget(
         {n: eigenvalues(cov) for n, (_m, cov) in moments.items()}, positions, cfg.projection_budget
     )
-    channels = {lv.name: lv.channels for lv in spec.levels}
     projections = {
-        name: fit_from_covariance(*moments[name], k) for name, k in ks.items() if k < channels[name]
+        lv.name: fit_from_covariance(*moments[lv.name], ks[lv.name])
+        for lv in spec.levels
+        if ks[lv.name] < lv.channels
     }
-    kept = sum(ks[n] * positions[n] for n in ks) / sum(channels[n] * positions[n] for n in ks)
     return projections, {
         "seconds": time.perf_counter() - start,
         "images": len(sample),
         "views": views,
-        "values_kept": kept,
+        "values_kept": values_kept(spec.levels, ks),
         "unprojected": sorted(set(ks) - set(projections)),
     }
 
@@ -192,11 +195,6 @@ def spectrum_report(plan, cfg: BankConfig) -> dict:
     evals = {name: eigenvalues(acc.covariance()[1]) for name, acc in accumulators.items()}
     positions = {lv.name: lv.height * lv.width for lv in spec.levels}
     channels = {lv.name: lv.channels for lv in spec.levels}
-    total_values = sum(channels[n] * positions[n] for n in channels)
-
-    def energy(name: str, k: int) -> float:
-        total = float(evals[name].sum())
-        return float(evals[name][:k].sum()) / total if total > 0 else 1.0
 
     def image_bytes(ks: dict[str, int]) -> int:
         levels = [
@@ -213,7 +211,7 @@ def spectrum_report(plan, cfg: BankConfig) -> dict:
 
     rules: dict[str, dict[str, int]] = {
         "none": dict(channels),
-        "k = C/2": {n: c // 2 for n, c in channels.items()},
+        "k = C/2": even_split(channels, 0.5),
     }
     for target in SPECTRUM_ENERGIES:
         rules[f"projection_energy={target}"] = {
@@ -241,8 +239,8 @@ def spectrum_report(plan, cfg: BankConfig) -> dict:
         "rules": {
             rule: {
                 "k": ks,
-                "energy": {n: energy(n, k) for n, k in ks.items()},
-                "values_kept": sum(ks[n] * positions[n] for n in ks) / total_values,
+                "energy": {n: energy_kept(evals[n], k) for n, k in ks.items()},
+                "values_kept": values_kept(spec.levels, ks),
                 "bytes_per_image": image_bytes(ks),
             }
             for rule, ks in rules.items()

@@ -111,8 +111,9 @@ def synthesized_batches(
     """(seeds, uint8 images, tap features) of bank ``rows``, ``batch_size`` at a time: the rows a shard writes and
     the sample a projection fit sees (``encode.projection_fit``) are one computation. ``stats.teacher_seconds``
     accumulates the generator's time."""
-    for lo in range(0, len(rows), max(1, batch_size)):
-        drawn = synth.draw(rows[lo : lo + max(1, batch_size)])
+    step = max(1, batch_size)
+    for lo in range(0, len(rows), step):
+        drawn = synth.draw(rows[lo : lo + step])
         with compute_lock:
             t0 = time.perf_counter()
             image_u8_BCHW, feats = synth.synthesize(drawn.z_BZ, drawn.labels_B)
